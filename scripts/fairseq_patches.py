@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Patch an unpacked fairseq 0.12.2 sdist so that it builds and runs on
+Python 3.11 / torch >= 2.6 / numpy 2 / bitarray 3.
+
+Used by ``scripts/install.sh``; it edits a pristine copy of the sdist before it
+is built (never an installed site-packages tree). Every patch is written so
+that it changes nothing where it is not needed (Python 3.8-3.10, torch 1.x,
+numpy 1.x), and every patch checks that the text it replaces is really there,
+so a different fairseq source fails loudly instead of being half-patched.
+
+Usage: python fairseq_patches.py SRC_DIR        # patch in place
+       python fairseq_patches.py --version      # print the patched version
+"""
+
+import argparse
+import hashlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+UPSTREAM_VERSION = "0.12.2"
+
+
+@dataclass(frozen=True)
+class Patch:
+    path: str  # relative to the sdist root
+    why: str
+    old: str
+    new: str
+    count: int = 1  # exact number of occurrences of `old`
+
+
+# torch.load: torch >= 2.6 defaults to weights_only=True, which cannot unpickle
+# fairseq checkpoints (argparse.Namespace, omegaconf). Pass weights_only=False
+# only where torch knows the argument (torch >= 1.13), so older torch is untouched.
+_TORCH_LOAD_KW = (
+    "\n# ea-fairseq patch: fairseq checkpoints hold Python objects (Namespace, configs)\n"
+    "import inspect as _ea_inspect\n"
+    "_EA_TORCH_LOAD_KW = (\n"
+    '    {"weights_only": False}\n'
+    '    if "weights_only" in _ea_inspect.signature(torch.load).parameters\n'
+    "    else {}\n"
+    ")\n"
+)
+
+PATCHES = [
+    # --- Python 3.11 dataclasses --------------------------------------------
+    # (the `x: T = T()` defaults are rewritten by _patch_dataclass_defaults)
+    Patch(
+        "fairseq/dataclass/initialize.py",
+        "hydra_init reads .default of fields that now use default_factory",
+        "        v = FairseqConfig.__dataclass_fields__[k].default\n",
+        "        _f = FairseqConfig.__dataclass_fields__[k]\n"
+        "        v = _f.default_factory() if callable(_f.default_factory) else _f.default\n",
+    ),
+    # --- torch >= 2.6: weights_only=True by default -------------------------
+    Patch(
+        "fairseq/checkpoint_utils.py",
+        "module-level torch.load kwargs",
+        "from fairseq.file_io import PathManager\n",
+        "from fairseq.file_io import PathManager\n" + _TORCH_LOAD_KW,
+    ),
+    Patch(
+        "fairseq/checkpoint_utils.py",
+        "load_checkpoint_to_cpu: allow fairseq's pickled objects",
+        '        state = torch.load(f, map_location=torch.device("cpu"))\n',
+        '        state = torch.load(f, map_location=torch.device("cpu"), **_EA_TORCH_LOAD_KW)\n',
+    ),
+    Patch(
+        "fairseq/checkpoint_utils.py",
+        "load_pretrained_component_from_model: allow fairseq's pickled objects",
+        "                lambda s, _: torch.serialization.default_restore_location(s, \"cpu\")\n"
+        "            ),\n",
+        "                lambda s, _: torch.serialization.default_restore_location(s, \"cpu\")\n"
+        "            ),\n"
+        "            **_EA_TORCH_LOAD_KW,\n",
+    ),
+    Patch(
+        "fairseq/distributed/utils.py",
+        "module-level torch.load kwargs",
+        "import torch.distributed as dist\n",
+        "import torch.distributed as dist\n" + _TORCH_LOAD_KW,
+    ),
+    Patch(
+        "fairseq/distributed/utils.py",
+        "broadcast_object: the broadcast object is a pickled Namespace/config",
+        '        obj = torch.load(buffer, map_location="cpu")\n',
+        '        obj = torch.load(buffer, map_location="cpu", **_EA_TORCH_LOAD_KW)\n',
+    ),
+    # --- the fused "BetterTransformer" encoder path --------------------------
+    # It calls torch._transformer_encoder_layer_fwd with its torch 1.12/1.13
+    # signature (torch 2 fails with "Mask Type should be defined") and it skips
+    # the layer's own attention module. Keep it for torch 1.12-1.x only.
+    Patch(
+        "fairseq/modules/transformer_layer.py",
+        "BT fast path only on torch 1.12-1.x",
+        "                if self.int_version >= 1120:\n",
+        "                if 1120 <= self.int_version < 2000:\n",
+    ),
+    Patch(
+        "fairseq/modules/transformer_layer.py",
+        "BT fast path only on torch 1.13-1.x (4-part versions)",
+        "                if self.int_version >= 1130:\n",
+        "                if 1130 <= self.int_version < 2000:\n",
+    ),
+    Patch(
+        "fairseq/models/transformer/transformer_encoder.py",
+        "BT fast path only on torch 1.12-1.x",
+        "                if int_version >= 1120:\n",
+        "                if 1120 <= int_version < 2000:\n",
+    ),
+    Patch(
+        "fairseq/models/transformer/transformer_encoder.py",
+        "BT fast path only on torch 1.13-1.x (4-part versions)",
+        "                if int_version >= 1130:\n"
+        "                    BT_version = True\n",
+        "                if 1130 <= int_version < 2000:\n"
+        "                    BT_version = True\n",
+    ),
+    # --- numpy 2 --------------------------------------------------------------
+    Patch(
+        "fairseq/data/data_utils.py",
+        "np.int was removed (numpy 1.24); it was the builtin int",
+        "                    np.int,\n",
+        "                    int,\n",
+    ),
+    Patch(
+        "fairseq/data/data_utils.py",
+        "np.percentile(interpolation=) was removed (numpy 2); method= exists since 1.22",
+        '            interpolation="lower",\n',
+        '            **(\n'
+        '                {"method": "lower"}\n'
+        '                if np.lib.NumpyVersion(np.__version__) >= "1.22.0"\n'
+        '                else {"interpolation": "lower"}\n'
+        "            ),\n",
+    ),
+    Patch(
+        "fairseq/modules/dynamic_crf_layer.py",
+        "np.float was removed (numpy 1.24); it was the builtin float",
+        'np.float("inf")',
+        'float("inf")',
+    ),
+    Patch(
+        "fairseq/data/token_block_dataset.py",
+        "np.compat was removed (numpy 2); np.compat.long is int64 on Linux",
+        "dtype=np.compat.long",
+        "dtype=np.int64",
+    ),
+    Patch(
+        "fairseq/data/language_pair_dataset.py",
+        "np.compat was removed (numpy 2); np.compat.long is int64 on Linux",
+        "otypes=[np.compat.long]",
+        "otypes=[np.int64]",
+    ),
+    # --- bitarray 3 -------------------------------------------------------------
+    Patch(
+        "fairseq/data/huffman/huffman_coder.py",
+        "bitarray.util.rindex was removed (bitarray 3)",
+        "        remove_cnt = util.rindex(a, 1)\n",
+        "        remove_cnt = len(a) - 1 - a[::-1].index(1)\n",
+    ),
+    # --- DDP on CPU (gloo) --------------------------------------------------------
+    Patch(
+        "fairseq/models/distributed_fairseq_model.py",
+        "torch rejects device_ids for CPU modules",
+        "            device_ids=[args.device_id],\n"
+        "            output_device=args.device_id,\n"
+        "            broadcast_buffers=args.broadcast_buffers,\n",
+        '            device_ids=[args.device_id] if device.type == "cuda" else None,\n'
+        '            output_device=args.device_id if device.type == "cuda" else None,\n'
+        "            broadcast_buffers=args.broadcast_buffers,\n",
+    ),
+    # --- packaging -------------------------------------------------------------
+    # The sdist lacks the C++ sources of libbase/libnat/alignment_train (only
+    # libbleu is shipped), so a build that can import torch would fail on them.
+    Patch(
+        "setup.py",
+        "skip extensions whose sources are not in the sdist",
+        "def do_setup(package_data):\n",
+        "extensions = [\n"
+        "    e for e in extensions if all(os.path.exists(s) for s in e.sources)\n"
+        "]\n\n\n"
+        "def do_setup(package_data):\n",
+    ),
+    # fairseq's own pins (hydra-core<1.1, omegaconf<2.1) have metadata current pip
+    # rejects; declare what it really runs on, so `pip check` stays truthful.
+    # torchaudio is only imported by the speech tasks.
+    Patch(
+        "setup.py",
+        "declare the dependencies fairseq runs on",
+        '            "hydra-core>=1.0.7,<1.1",\n'
+        '            "omegaconf<2.1",\n',
+        '            "hydra-core>=1.3.2,<1.4",\n'
+        '            "omegaconf>=2.3,<2.4",\n',
+    ),
+    Patch(
+        "setup.py",
+        "torchaudio is optional (speech tasks only)",
+        '            "torchaudio>=0.8.0",\n',
+        "",
+    ),
+]
+
+# `name: SomeConfig = SomeConfig()` and `field(default=SomeConfig())`: Python 3.11
+# refuses unhashable (non-frozen dataclass) defaults; default_factory works on
+# every Python version.
+_DC_ANNOTATED = re.compile(r"^(\s+)(\w+): (\w+) = \3\(\)[ \t]*$", re.M)
+_DC_FIELD = re.compile(r"field\(default=(\w+)\(\)\)")
+_DC_IMPORT = re.compile(r"^from dataclasses import ([^\n]+)$", re.M)
+
+
+def _patch_dataclass_defaults(root: Path) -> int:
+    changed = 0
+    for path in sorted(root.glob("fairseq/**/*.py")):
+        text = path.read_text(encoding="utf-8")
+        new = _DC_ANNOTATED.sub(r"\1\2: \3 = field(default_factory=\3)", text)
+        new = _DC_FIELD.sub(r"field(default_factory=\1)", new)
+        if new == text:
+            continue
+        imp = _DC_IMPORT.search(new)
+        if imp is None:
+            raise SystemExit(f"{path}: dataclass defaults patched but no 'from dataclasses import' line")
+        names = [n.strip() for n in imp.group(1).split(",")]
+        if "field" not in names:
+            new = new[: imp.start(1)] + ", ".join(names + ["field"]) + new[imp.end(1) :]
+        path.write_text(new, encoding="utf-8")
+        changed += 1
+    return changed
+
+
+def patch_level() -> str:
+    """Short hash of this file: part of the installed version, so that a changed
+    patch set is detected and reinstalled."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+
+
+def patched_version() -> str:
+    return f"{UPSTREAM_VERSION}+ea.{patch_level()}"
+
+
+def apply(root: Path) -> None:
+    version_file = root / "fairseq" / "version.txt"
+    if not version_file.is_file():
+        raise SystemExit(f"{root}: not a fairseq source tree (no fairseq/version.txt)")
+    found = version_file.read_text().strip()
+    if found != UPSTREAM_VERSION:
+        raise SystemExit(f"{version_file}: expected fairseq {UPSTREAM_VERSION}, found {found!r}")
+    for p in PATCHES:
+        path = root / p.path
+        text = path.read_text(encoding="utf-8")
+        n = text.count(p.old)
+        if n != p.count:
+            raise SystemExit(
+                f"{path}: expected {p.count} occurrence(s) of the text to patch "
+                f"({p.why}), found {n}; is this the pristine fairseq {UPSTREAM_VERSION} sdist?"
+            )
+        path.write_text(text.replace(p.old, p.new), encoding="utf-8")
+    n_dc = _patch_dataclass_defaults(root)
+    if n_dc == 0:
+        raise SystemExit(f"{root}: found no dataclass defaults to patch")
+    version_file.write_text(patched_version() + "\n")
+    print(f"patched fairseq {UPSTREAM_VERSION}: {len(PATCHES)} text patches, "
+          f"dataclass defaults in {n_dc} files; version {patched_version()}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", nargs="?", type=Path, help="unpacked fairseq-0.12.2 sdist (patched in place)")
+    ap.add_argument("--version", action="store_true", help="print the version the patched fairseq reports")
+    args = ap.parse_args(argv)
+    if args.version:
+        print(patched_version())
+        return
+    if args.src is None:
+        ap.error("SRC is required unless --version is given")
+    apply(args.src)
+
+
+if __name__ == "__main__":
+    main()
