@@ -1,0 +1,283 @@
+"""The ``ea_transformer`` model: fairseq's Transformer with evolving attention.
+
+Registered as model ``ea_transformer`` with one architecture per fairseq
+Transformer architecture (``ea_`` + its name): each is fairseq's own function plus
+the ``--ea-*`` defaults.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
+from fairseq.models.transformer import (
+    TransformerConfig,
+    TransformerDecoderBase,
+    TransformerEncoderBase,
+    TransformerModel,
+)
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from torch import Tensor
+
+from ..modules.ea_transformer_layer import EATransformerDecoderLayer, EATransformerEncoderLayer
+from .ea_config import EvolvingAttentionConfig, ea_base_architecture
+
+
+def _wrap_layer(layer, cfg):
+    """fairseq's layer wrappers, as in TransformerEncoderBase.build_encoder_layer:
+    activation checkpointing, then FSDP (always wrapping checkpointed layers)."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
+    return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
+
+
+class EATransformerEncoder(TransformerEncoderBase):
+    """Transformer encoder whose self-attention maps evolve from layer to layer."""
+
+    def __init__(self, cfg, dictionary, embed_tokens, ea: EvolvingAttentionConfig, return_fc: bool = False):
+        self.ea_cfg = ea
+        self._layers_built = 0  # build_encoder_layer is called once per layer, in order
+        super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+
+    def build_encoder_layer(self, cfg):
+        idx, self._layers_built = self._layers_built, self._layers_built + 1
+        layer = EATransformerEncoderLayer(cfg, ea=self.ea_cfg.spec("encoder", idx), return_fc=self.return_fc)
+        return _wrap_layer(layer, cfg)
+
+    def forward_scriptable(
+        self,
+        src_tokens: Tensor,
+        src_lengths: Optional[Tensor] = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Optional[Tensor] = None,
+    ):
+        """As fairseq's (fairseq/models/transformer/transformer_encoder.py, 0.12.2),
+        without its BetterTransformer / nested-tensor branch (which bypasses the
+        layers' attention modules), and carrying the attention map from layer to
+        layer. src_tokens: (B, T). Returns fairseq's encoder-out dict."""
+        encoder_padding_mask = src_tokens.eq(self.padding_idx)  # (B, T), True = pad
+        has_pads = src_tokens.device.type == "xla" or encoder_padding_mask.any()
+
+        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
+        if has_pads:
+            x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x))
+        x = x.transpose(0, 1)  # (B, T, C) -> (T, B, C)
+
+        encoder_states = []
+        fc_results = []
+        if return_all_hiddens:
+            encoder_states.append(x)
+
+        layer_padding_mask = encoder_padding_mask if has_pads else None
+        ea_map: Optional[Tensor] = None  # A_{l-1}: (B, H, T, T)
+        for layer in self.layers:
+            out, ea_map = layer(x, encoder_padding_mask=layer_padding_mask, ea_prev=ea_map)
+            if isinstance(out, tuple) and len(out) == 2:
+                x, fc_result = out
+            else:
+                x, fc_result = out, None
+            if return_all_hiddens and not torch.jit.is_scripting():
+                encoder_states.append(x)
+                fc_results.append(fc_result)
+
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+
+        src_lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
+        return {
+            "encoder_out": [x],  # (T, B, C)
+            "encoder_padding_mask": [encoder_padding_mask],  # (B, T)
+            "encoder_embedding": [encoder_embedding],  # (B, T, C)
+            "encoder_states": encoder_states,  # List[(T, B, C)]
+            "fc_results": fc_results,  # List[(T, B, C)]
+            "src_tokens": [],
+            "src_lengths": [src_lengths],
+        }
+
+
+class EATransformerDecoder(TransformerDecoderBase):
+    """Transformer decoder whose self-attention (and optionally cross-attention)
+    maps evolve from layer to layer, causally along the target axis."""
+
+    def __init__(
+        self,
+        cfg,
+        dictionary,
+        embed_tokens,
+        ea: EvolvingAttentionConfig,
+        no_encoder_attn: bool = False,
+        output_projection=None,
+    ):
+        self.ea_cfg = ea
+        self._layers_built = 0  # build_decoder_layer is called once per layer, in order
+        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
+                         output_projection=output_projection)
+
+    def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
+        idx, self._layers_built = self._layers_built, self._layers_built + 1
+        layer = EATransformerDecoderLayer(
+            cfg,
+            no_encoder_attn,
+            ea_self=self.ea_cfg.spec("decoder", idx),
+            ea_cross=self.ea_cfg.spec("cross", idx),
+        )
+        return _wrap_layer(layer, cfg)
+
+    def extract_features_scriptable(
+        self,
+        prev_output_tokens: Tensor,
+        encoder_out: Optional[Dict[str, List[Tensor]]],
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
+        """As fairseq's (fairseq/models/transformer/transformer_decoder.py, 0.12.2),
+        carrying the self- and cross-attention maps from layer to layer.
+        prev_output_tokens: (B, T). Returns (features (B, T, C), extra dict)."""
+        if alignment_layer is None:
+            alignment_layer = self.num_layers - 1
+
+        enc: Optional[Tensor] = None
+        padding_mask: Optional[Tensor] = None
+        if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
+            enc = encoder_out["encoder_out"][0]  # (S, B, C)
+        if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
+            padding_mask = encoder_out["encoder_padding_mask"][0]  # (B, S)
+
+        x, prev_output_tokens = self._embed_targets(prev_output_tokens, incremental_state)  # (T, B, C)
+
+        self_attn_padding_mask: Optional[Tensor] = None
+        if self.cross_self_attention or prev_output_tokens.eq(self.padding_idx).any():
+            self_attn_padding_mask = prev_output_tokens.eq(self.padding_idx)  # (B, T)
+
+        attn: Optional[Tensor] = None
+        inner_states: List[Optional[Tensor]] = [x]
+        self_map: Optional[Tensor] = None  # (B, H, T, T)
+        cross_map: Optional[Tensor] = None  # (B, H, T, S)
+        for idx, layer in enumerate(self.layers):
+            if incremental_state is None and not full_context_alignment:
+                self_attn_mask = self.buffered_future_mask(x)
+            else:
+                self_attn_mask = None
+
+            x, layer_attn, _, self_map, cross_map = layer(
+                x,
+                enc,
+                padding_mask,
+                incremental_state,
+                self_attn_mask=self_attn_mask,
+                self_attn_padding_mask=self_attn_padding_mask,
+                need_attn=bool(idx == alignment_layer),
+                need_head_weights=bool(idx == alignment_layer),
+                ea_self_prev=self_map,
+                ea_cross_prev=cross_map,
+            )
+            inner_states.append(x)
+            if layer_attn is not None and idx == alignment_layer:
+                attn = layer_attn.float().to(x)
+
+        if attn is not None:
+            if alignment_heads is not None:
+                attn = attn[:alignment_heads]
+            attn = attn.mean(dim=0)  # average over heads
+
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        x = x.transpose(0, 1)  # (T, B, C) -> (B, T, C)
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x, {"attn": [attn], "inner_states": inner_states}
+
+    def _embed_targets(self, prev_output_tokens: Tensor, incremental_state):
+        """Token + position embeddings of the decoder input, as in fairseq's
+        extract_features_scriptable. Returns (x (T, B, C), the tokens embedded)."""
+        positions = None
+        if self.embed_positions is not None:
+            positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+            if positions is not None:
+                positions = positions[:, -1:]
+        prev_output_tokens = prev_output_tokens.contiguous()
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
+        if self.quant_noise is not None:
+            x = self.quant_noise(x)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if positions is not None:
+            x += positions
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x)
+        return x.transpose(0, 1), prev_output_tokens
+
+
+@register_model("ea_transformer")
+class EATransformerModel(TransformerModel):
+    """fairseq's ``transformer`` with evolving attention (see ``--ea-*``)."""
+
+    @classmethod
+    def hub_models(cls):
+        return {}  # no released EA checkpoints (TransformerModel lists vanilla ones)
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        from fairseq.dataclass.utils import gen_parser_from_dataclass
+
+        # defaults come from the architecture (ea_base_architecture), as for fairseq's flags
+        gen_parser_from_dataclass(parser, EvolvingAttentionConfig(), delete_default=True)
+
+    @classmethod
+    def build_model(cls, args, task):
+        ea_base_architecture(args)
+        EvolvingAttentionConfig.from_args(args).validate()
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, args, src_dict, embed_tokens):
+        return EATransformerEncoder(
+            TransformerConfig.from_namespace(args), src_dict, embed_tokens,
+            ea=EvolvingAttentionConfig.from_args(args),
+        )
+
+    @classmethod
+    def build_decoder(cls, args, tgt_dict, embed_tokens):
+        return EATransformerDecoder(
+            TransformerConfig.from_namespace(args), tgt_dict, embed_tokens,
+            ea=EvolvingAttentionConfig.from_args(args),
+            no_encoder_attn=args.no_cross_attention,
+        )
+
+
+# fairseq Transformer architectures that get an ``ea_`` twin (all fairseq 0.12.2 has;
+# it has no transformer_wmt_en_fr_big).
+FAIRSEQ_ARCHS = (
+    "transformer",
+    "transformer_tiny",
+    "transformer_iwslt_de_en",
+    "transformer_wmt_en_de",
+    "transformer_vaswani_wmt_en_de_big",
+    "transformer_vaswani_wmt_en_fr_big",
+    "transformer_wmt_en_de_big",
+    "transformer_wmt_en_de_big_t2t",
+)
+
+
+def _register_ea_arch(fairseq_arch: str) -> None:
+    parent = ARCH_CONFIG_REGISTRY[fairseq_arch]
+
+    def arch(args):
+        parent(args)
+        ea_base_architecture(args)
+
+    arch.__name__ = arch.__qualname__ = "ea_" + fairseq_arch
+    arch.__doc__ = f"fairseq's {fairseq_arch} plus the --ea-* defaults."
+    register_model_architecture("ea_transformer", "ea_" + fairseq_arch)(arch)
+
+
+for _name in FAIRSEQ_ARCHS:
+    _register_ea_arch(_name)
