@@ -23,7 +23,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from fairseq import utils
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
@@ -271,7 +270,8 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         if before_softmax:
             return logits, v
 
-        probs_float = utils.softmax(logits, dim=-1)  # float32
+        # float32 for half-precision logits (and float64 ones stay float64)
+        probs_float = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         probs = self.dropout_module(probs_float.type_as(logits))
         attn = torch.bmm(probs, v)  # (B*H, Tq, D)
         attn = attn.transpose(0, 1).contiguous().view(tgt_len, bsz, embed_dim)

@@ -1,0 +1,104 @@
+"""Small builders shared by the tests: a dictionary, models built through fairseq's
+own argument parsing, and random batches."""
+
+import os
+from argparse import Namespace
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from fairseq import options
+from fairseq.data import Dictionary
+from fairseq.models import ARCH_MODEL_REGISTRY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "ea_fairseq")
+
+# a tiny model: 2+2 layers, 4 heads, d=16
+TINY = [
+    "--encoder-layers", "3", "--decoder-layers", "3",
+    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    "--share-all-embeddings",
+]
+# EA in all three stacks, with a conv that is far from the identity, so that the
+# tests exercise the conv path (a Dirac init with a linear activation is a no-op).
+EA_ALL = ["--ea-cross-attn", "--ea-conv-init", "kaiming", "--ea-activation", "leaky_relu",
+          "--ea-alpha", "0.7", "--ea-beta", "0.4"]
+
+
+class DummyTask:
+    def __init__(self, dictionary: Dictionary):
+        self.source_dictionary = dictionary
+        self.target_dictionary = dictionary
+
+
+def make_dictionary(n_symbols: int = 24) -> Dictionary:
+    d = Dictionary()
+    for i in range(n_symbols):
+        d.add_symbol(f"w{i}")
+    d.finalize(padding_factor=1)
+    return d
+
+
+def parse_model_args(arch: str, extra: Sequence[str] = ()) -> Namespace:
+    parser = options.get_training_parser()
+    argv = ["unused-data-dir", "--task", "translation", "--user-dir", USER_DIR, "--arch", arch,
+            "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0", *extra]
+    return options.parse_args_and_arch(parser, argv)
+
+
+def build_model(arch: str = "ea_transformer", extra: Sequence[str] = (), dictionary: Optional[Dictionary] = None,
+                seed: int = 0, dtype=torch.float64):
+    dictionary = dictionary or make_dictionary()
+    args = parse_model_args(arch, list(TINY) + list(extra))
+    torch.manual_seed(seed)
+    model = ARCH_MODEL_REGISTRY[arch].build_model(args, DummyTask(dictionary))
+    return model.to(dtype).eval()
+
+
+def random_batch(dictionary: Dictionary, src_lens: List[int], tgt_lens: List[int], seed: int = 1,
+                 left_pad_source: bool = True) -> Dict[str, torch.Tensor]:
+    """src_tokens (B, S) left-padded, each ending in EOS; prev_output_tokens (B, T)
+    right-padded, starting with EOS; target (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = dictionary.nspecial, len(dictionary)
+    pad, eos = dictionary.pad(), dictionary.eos()
+    B, S, T = len(src_lens), max(src_lens), max(tgt_lens)
+    src = torch.full((B, S), pad, dtype=torch.long)
+    prev = torch.full((B, T), pad, dtype=torch.long)
+    tgt = torch.full((B, T), pad, dtype=torch.long)
+    for b, (s, t) in enumerate(zip(src_lens, tgt_lens)):
+        toks = torch.cat([torch.randint(lo, hi, (s - 1,), generator=g), torch.tensor([eos])])
+        if left_pad_source:
+            src[b, S - s:] = toks
+        else:
+            src[b, :s] = toks
+        y = torch.cat([torch.randint(lo, hi, (t - 1,), generator=g), torch.tensor([eos])])
+        tgt[b, :t] = y
+        prev[b, 0] = eos
+        prev[b, 1:t] = y[:-1]
+    return {
+        "src_tokens": src,
+        "src_lengths": torch.tensor(src_lens),
+        "prev_output_tokens": prev,
+        "target": tgt,
+    }
+
+
+def full_logits(model, batch) -> torch.Tensor:
+    """Decoder output logits (B, T, V) of one teacher-forced forward pass."""
+    out, _ = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
+    return out
+
+
+def incremental_logits(model, batch, steps: Optional[int] = None) -> torch.Tensor:
+    """The same logits, one target position at a time with an incremental state."""
+    enc = model.encoder(batch["src_tokens"], src_lengths=batch["src_lengths"])
+    prev = batch["prev_output_tokens"]
+    state: Dict[str, Dict[str, Optional[torch.Tensor]]] = {}
+    outs = []
+    for t in range(steps or prev.size(1)):
+        o, _ = model.decoder(prev[:, : t + 1], encoder_out=enc, incremental_state=state)
+        outs.append(o)
+    return torch.cat(outs, dim=1)
