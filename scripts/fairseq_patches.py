@@ -118,6 +118,22 @@ PATCHES = [
         "                if 1130 <= int_version < 2000:\n"
         "                    BT_version = True\n",
     ),
+    # Its copies of the layer's weights (filled at checkpoint load, read only by
+    # that inference path) are Parameters that never get a gradient: DDP's default
+    # backend then fails ("Expected to have finished reduction ..."). Keep them in
+    # the state dict (same checkpoint format) but out of autograd and the optimizer.
+    Patch(
+        "fairseq/modules/transformer_layer.py",
+        "BetterTransformer weight copies are not trained",
+        "        self.fc2_bias = torch.nn.Parameter(torch.zeros(self.fc2.bias.shape))\n",
+        "        self.fc2_bias = torch.nn.Parameter(torch.zeros(self.fc2.bias.shape))\n"
+        "        for _bt_param in (\n"
+        "            self.in_proj_weight, self.in_proj_bias, self.out_proj_weight,\n"
+        "            self.out_proj_bias, self.fc1_weight, self.fc1_bias,\n"
+        "            self.fc2_weight, self.fc2_bias,\n"
+        "        ):\n"
+        "            _bt_param.requires_grad_(False)\n",
+    ),
     # --- numpy 2 --------------------------------------------------------------
     Patch(
         "fairseq/data/data_utils.py",

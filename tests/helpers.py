@@ -102,3 +102,9 @@ def incremental_logits(model, batch, steps: Optional[int] = None) -> torch.Tenso
         o, _ = model.decoder(prev[:, : t + 1], encoder_out=enc, incremental_state=state)
         outs.append(o)
     return torch.cat(outs, dim=1)
+
+
+def softmax_keeping_float64(x, dim: int, onnx_trace: bool = False):
+    """fairseq.utils.softmax always returns float32; for float64 reference runs keep
+    float64 (at least float32, as before)."""
+    return torch.nn.functional.softmax(x, dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))

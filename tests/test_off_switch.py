@@ -1,9 +1,12 @@
 """With evolving attention switched off, ea_transformer is fairseq's transformer."""
 
+import fairseq.modules.multihead_attention
 import pytest
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
-from helpers import TINY, build_model, full_logits, incremental_logits, make_dictionary, random_batch
+from helpers import (
+    TINY, build_model, full_logits, incremental_logits, make_dictionary, random_batch, softmax_keeping_float64,
+)
 
 OFF = ["--ea-no-encoder-self-attn", "--ea-no-decoder-self-attn"]
 # EA modules in every stack, but alpha = beta = 0: no conv is built, no map is mixed in
@@ -53,7 +56,10 @@ def _explicit_attention(model):
 
 
 @pytest.mark.parametrize("ea_extra", [OFF, ZERO], ids=["switched-off", "alpha=beta=0"])
-def test_equals_vanilla_transformer(ea_extra):
+def test_equals_vanilla_transformer(ea_extra, monkeypatch):
+    # fairseq's attention takes its softmax in float32 even for float64 input; the EA
+    # module keeps float64. Compare like with like.
+    monkeypatch.setattr(fairseq.modules.multihead_attention.utils, "softmax", softmax_keeping_float64)
     d, vanilla, ea = _vanilla_and_ea(ea_extra)
     batch = random_batch(d, [6, 9, 3, 7], [5, 8, 2, 6])
     keep = _non_pad(batch, d)
