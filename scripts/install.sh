@@ -49,8 +49,16 @@ trap 'rm -f "$constraints"' EXIT
 
 # 2. ea_fairseq and its pinned dependencies ------------------------------------------
 extras=${EA_EXTRAS:+[$EA_EXTRAS]}
-log "installing ea_fairseq$extras (editable) and its pinned dependencies"
-"${PIP[@]}" install -c "$constraints" -e "$EA_REPO$extras"
+prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
+stamp="$prefix/.ea-fairseq-install"
+want_stamp="$EA_REPO$extras $(cat "$constraints") $("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$EA_REPO/setup.py")"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && "$PYTHON" -c 'import ea_fairseq' 2>/dev/null; then
+  log "ea_fairseq$extras already installed (setup.py unchanged)"
+else
+  log "installing ea_fairseq$extras (editable) and its pinned dependencies"
+  "${PIP[@]}" install -c "$constraints" -e "$EA_REPO$extras"
+  printf '%s\n' "$want_stamp" >"$stamp"
+fi
 
 # 3. fairseq 0.12.2, patched -----------------------------------------------------------
 fairseq_want=$("$PYTHON" "$EA_REPO/scripts/fairseq_patches.py" --version)
@@ -84,4 +92,8 @@ fi
 "$PYTHON" -c 'import fairseq, ea_fairseq, torch; print("fairseq", fairseq.__version__, "| torch", torch.__version__, "| ea_fairseq", ea_fairseq.__version__)' \
   || die "installation finished but 'import fairseq, ea_fairseq' fails"
 "${PIP[@]}" check || die "pip check found broken requirements (see above)"
-log "done. In a new shell: source ${VIRTUAL_ENV:-${CONDA_PREFIX:-<your env>}}/bin/activate"
+if [[ -n "${VIRTUAL_ENV:-}" ]]; then
+  log "done. To use fairseq-train etc. in a new shell: source $VIRTUAL_ENV/bin/activate"
+else
+  log "done (environment: $prefix)"
+fi

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run the project's tests (CPU only): installs first if needed, then pytest.
+#
+#   bash scripts/test.sh [pytest arguments]
+#
+# Variables: EA_SHARED_DATA (real corpora used by the recipe tests, default
+# ../shared/data beside the repository) and those of scripts/install.sh.
+set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+EA_STEP=test
+
+bash "$EA_REPO/scripts/install.sh"
+ea_activate_env
+export EA_SHARED_DATA=${EA_SHARED_DATA:-$(cd "$EA_REPO/.." && pwd)/shared/data}
+cd "$EA_REPO"
+log "running the tests ($PYTHON -m pytest)"
+exec "$PYTHON" -m pytest tests "$@"

@@ -1,0 +1,50 @@
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+
+BIN = Path(sys.executable).parent  # the environment's console scripts (fairseq-train, ...)
+LETTERS = [chr(ord("a") + i) for i in range(12)]
+
+
+def fairseq_cmd(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: fairseq's console script is not installed (run scripts/install.sh)")
+    return str(path)
+
+
+def run(cmd, cwd=None, input=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, input=input, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def _write_reversal(prefix: Path, n: int, rng: random.Random) -> None:
+    with open(f"{prefix}.src", "w") as src, open(f"{prefix}.tgt", "w") as tgt:
+        for _ in range(n):
+            words = [rng.choice(LETTERS) for _ in range(rng.randint(3, 10))]
+            src.write(" ".join(words) + "\n")
+            tgt.write(" ".join(reversed(words)) + "\n")
+
+
+@pytest.fixture(scope="session")
+def reversal_data(tmp_path_factory):
+    """A toy translation task (reverse a sequence of letters), raw and binarised by
+    fairseq-preprocess. Returns (raw_dir, bin_dir)."""
+    root = tmp_path_factory.mktemp("reversal")
+    rng = random.Random(0)
+    for split, n in (("train", 4000), ("valid", 200), ("test", 200)):
+        _write_reversal(root / split, n, rng)
+    run([fairseq_cmd("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",
+         "--trainpref", root / "train", "--validpref", root / "valid", "--testpref", root / "test",
+         "--destdir", root / "bin", "--joined-dictionary", "--workers", "1"])
+    return root, root / "bin"
