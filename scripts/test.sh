@@ -8,7 +8,7 @@
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
-EA_STEP=test
+EA_STEP="test"
 
 bash "$EA_REPO/scripts/install.sh"
 ea_activate_env

