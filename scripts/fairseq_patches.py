@@ -134,6 +134,31 @@ PATCHES = [
         "        ):\n"
         "            _bt_param.requires_grad_(False)\n",
     ),
+    # --- hydra 1.3 ---------------------------------------------------------------
+    # Every checkpoint load (generate, interactive, resume) composes the config with
+    # hydra 1.0's API, and hydra >= 1.1 prints four deprecation notices about it that
+    # users cannot act on. Quiet them around that one call (no-op on hydra 1.0).
+    Patch(
+        "fairseq/dataclass/utils.py",
+        "quiet hydra's notices about fairseq's use of its 1.0 API",
+        "    with initialize(config_path=config_path):\n",
+        "    with _ea_quiet_hydra(), initialize(config_path=config_path):\n",
+    ),
+    Patch(
+        "fairseq/dataclass/utils.py",
+        "the context manager for the patch above",
+        "def convert_namespace_to_omegaconf(args: Namespace) -> DictConfig:\n",
+        "import contextlib as _ea_contextlib\n"
+        "import warnings as _ea_warnings\n\n\n"
+        "@_ea_contextlib.contextmanager\n"
+        "def _ea_quiet_hydra():\n"
+        "    # ea-fairseq patch: hydra >= 1.1 deprecation notices (initialize/compose are no\n"
+        "    # longer experimental, version_base, '# @package _group_' headers)\n"
+        "    with _ea_warnings.catch_warnings():\n"
+        '        _ea_warnings.simplefilter("ignore", UserWarning)\n'
+        "        yield\n\n\n"
+        "def convert_namespace_to_omegaconf(args: Namespace) -> DictConfig:\n",
+    ),
     # --- numpy 2 --------------------------------------------------------------
     Patch(
         "fairseq/data/data_utils.py",

@@ -42,15 +42,7 @@ WORKERS=${WORKERS:-$(nproc)}
 TMP=$WORK/tmp
 MARKERS=$WORK/.done
 
-ea_activate_env
-recipe_tools
-if [[ "${FORCE:-0}" == 1 ]]; then
-  rm -rf "$MARKERS"
-elif [[ -f "$DEST/PREPARED" ]]; then
-  log "$DEST is already prepared (FORCE=1 to redo)"
-  exit 0
-fi
-mkdir -p "$TMP"
+recipe_start
 
 # 1. raw files --------------------------------------------------------------------
 if [[ -n "${IWSLT14_DIR:-}" ]]; then
@@ -130,17 +122,9 @@ fi
 
 # 5. joint subwords -----------------------------------------------------------------------
 if ! step_done bpe; then
-  log "learning $BPE ($BPE_TOKENS) on train.$SRC + train.$TGT"
-  learn_bpe "$WORK/bpe" "$TMP/train.$SRC" "$TMP/train.$TGT"
-  for s in train valid test; do
-    for l in $SRC $TGT; do
-      apply_bpe "$WORK/bpe" "$TMP/$s.$l" "$WORK/$s.$l"
-    done
-    same_lines "$WORK/$s.$SRC" "$WORK/$s.$TGT"
-  done
+  subword_splits
   for l in $SRC $TGT; do
     cp "$TMP/test.raw.$l" "$WORK/test.raw.$l"
-    cp "$TMP/test.$l" "$WORK/test.tok.$l"
   done
   mark_done bpe
 fi

@@ -29,18 +29,11 @@ BPE=${BPE:-subword-nmt}
 BPE_TOKENS=${BPE_TOKENS:-6000}
 WORKERS=${WORKERS:-$(nproc)}
 TRAIN_LINES=${TRAIN_LINES:-0}
+RECIPE_SETTINGS="train_lines=$TRAIN_LINES"
 TMP=$WORK/tmp
 MARKERS=$WORK/.done
 
-ea_activate_env
-recipe_tools
-if [[ "${FORCE:-0}" == 1 ]]; then
-  rm -rf "$MARKERS"
-elif [[ -f "$DEST/PREPARED" ]]; then
-  log "$DEST is already prepared (FORCE=1 to redo)"
-  exit 0
-fi
-mkdir -p "$TMP"
+recipe_start
 
 # split name in this recipe -> file name in Multi30k
 declare -A SPLITS=([train]=train [valid]=val [test]=test_2016_flickr)
@@ -68,17 +61,9 @@ if ! step_done tok; then
 fi
 
 if ! step_done bpe; then
-  log "learning $BPE ($BPE_TOKENS) on train.$SRC + train.$TGT"
-  learn_bpe "$WORK/bpe" "$TMP/train.$SRC" "$TMP/train.$TGT"
-  for s in train valid test; do
-    for l in $SRC $TGT; do
-      apply_bpe "$WORK/bpe" "$TMP/$s.$l" "$WORK/$s.$l"
-    done
-    same_lines "$WORK/$s.$SRC" "$WORK/$s.$TGT"
-  done
+  subword_splits
   for l in $SRC $TGT; do
     textprep lowercase <"$TMP/test.raw.$l" >"$WORK/test.raw.$l"
-    cp "$TMP/test.$l" "$WORK/test.tok.$l"
   done
   mark_done bpe
 fi

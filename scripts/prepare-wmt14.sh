@@ -70,15 +70,7 @@ ORIG=$WORK/orig
 TMP=$WORK/tmp
 MARKERS=$WORK/.done
 
-ea_activate_env
-recipe_tools
-if [[ "${FORCE:-0}" == 1 ]]; then
-  rm -rf "$MARKERS"
-elif [[ -f "$DEST/PREPARED" ]]; then
-  log "$DEST is already prepared (FORCE=1 to redo)"
-  exit 0
-fi
-mkdir -p "$TMP"
+recipe_start
 
 # 1. archives ------------------------------------------------------------------------
 if ! step_done unpack; then

@@ -127,6 +127,22 @@ def test_iwslt_second_run_is_skipped(iwslt):
     assert (root / "data-bin" / "PREPARED").stat().st_mtime_ns == stamp
 
 
+def test_iwslt_other_settings_are_not_taken_as_done(iwslt, tmp_path):
+    root, env, _ = iwslt
+    stamp = (root / "data-bin" / "PREPARED").stat().st_mtime_ns
+    proc = bash("prepare-iwslt14.sh", expect_ok=False, **{**env, "BPE_TOKENS": 800})
+    assert proc.returncode != 0 and "bpe_tokens=1000" in proc.stderr and "FORCE=1" in proc.stderr
+    assert (root / "data-bin" / "PREPARED").stat().st_mtime_ns == stamp
+    # a work folder with finished steps (a copy), another output folder: under other
+    # settings the finished steps are not reused
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    proc = bash("prepare-iwslt14.sh", **{**env, "BPE_TOKENS": 800, "WORK": work, "DEST": tmp_path / "bin800"})
+    assert "settings changed since the last run" in proc.stderr
+    assert "bpe_tokens=800" in (tmp_path / "bin800" / "PREPARED").read_text()
+    assert len(lines(work / "bpe.code")) == 801  # header + 800 merges
+
+
 def test_iwslt_with_sentencepiece(iwslt, tmp_path):
     tgz = iwslt[1]["IWSLT14_TGZ"]
     bash("prepare-iwslt14.sh", IWSLT14_TGZ=tgz, OFFLINE=1, WORK=tmp_path / "work", DEST=tmp_path / "bin",

@@ -97,6 +97,36 @@ require_python_module() {
   "$PYTHON" -c "import $1" 2>/dev/null || die "Python module '$1' not found${2:+: $2} (run scripts/install.sh)"
 }
 
+# recipe_start: the common opening of the prepare-* recipes (after their variables):
+# Python environment, tools checked before any work, then FORCE=1 / "already prepared".
+# The settings that shape the output (BPE, BPE_TOKENS and the recipe's RECIPE_SETTINGS)
+# are recorded with the step markers and in $DEST/PREPARED: finished steps are reused
+# only under the same settings, and a $DEST made with others is not taken as done.
+# Exits 0 when $DEST is complete for these settings and FORCE is not set.
+# shellcheck disable=SC2153  # DEST, MARKERS and TMP are the calling recipe's variables
+recipe_start() {
+  ea_activate_env
+  recipe_tools
+  SETTINGS="bpe=$BPE bpe_tokens=$BPE_TOKENS${RECIPE_SETTINGS:+ $RECIPE_SETTINGS}"
+  if [[ "${FORCE:-0}" == 1 ]]; then
+    rm -rf "$MARKERS"
+  elif [[ -f "$DEST/PREPARED" ]]; then
+    local have
+    have=$(sed -n 's/^settings=//p' "$DEST/PREPARED")
+    if [[ "$have" == "$SETTINGS" ]]; then
+      log "$DEST is already prepared (FORCE=1 to redo)"
+      exit 0
+    fi
+    die "$DEST was prepared with '$have', not '$SETTINGS': set FORCE=1 to redo it, or another DEST"
+  fi
+  if [[ -f "$MARKERS/settings" && "$(cat "$MARKERS/settings")" != "$SETTINGS" ]]; then
+    log "settings changed since the last run ($(cat "$MARKERS/settings") -> $SETTINGS): starting over"
+    rm -rf "$MARKERS"
+  fi
+  mkdir -p "$TMP" "$MARKERS"
+  printf '%s\n' "$SETTINGS" >"$MARKERS/settings"
+}
+
 # recipe_tools: what every data recipe needs, checked before any work starts.
 recipe_tools() {
   require_python_module sacremoses
@@ -135,6 +165,24 @@ apply_bpe() {
   mv "$3.tmp" "$3"
 }
 
+# subword_splits: learn joint subwords on $TMP/train.{SRC,TGT} and apply them to
+# $TMP/{train,valid,test}.{SRC,TGT}, writing $WORK/{train,valid,test}.{SRC,TGT}, and keep
+# the tokenised test set as $WORK/test.tok.*; line counts checked.
+subword_splits() {
+  log "learning $BPE ($BPE_TOKENS) on train.$SRC + train.$TGT"
+  learn_bpe "$WORK/bpe" "$TMP/train.$SRC" "$TMP/train.$TGT"
+  local s l
+  for s in train valid test; do
+    for l in $SRC $TGT; do
+      apply_bpe "$WORK/bpe" "$TMP/$s.$l" "$WORK/$s.$l"
+    done
+    same_lines "$WORK/$s.$SRC" "$WORK/$s.$TGT"
+  done
+  for l in $SRC $TGT; do
+    cp "$TMP/test.$l" "$WORK/test.tok.$l"
+  done
+}
+
 # binarize TEXT_DIR SRC TGT DEST [extra fairseq-preprocess args]: joined dictionary;
 # written to a temporary folder and renamed, so DEST exists only when complete.
 binarize() {
@@ -152,8 +200,8 @@ binarize() {
   for f in "$text"/bpe.* "$text"/test.raw.* "$text"/test.tok.*; do
     [[ -e "$f" ]] && cp "$f" "$tmp/"
   done
-  printf 'bpe=%s\nbpe_tokens=%s\nsource=%s\ntarget=%s\ncreated=%s\n' "$BPE" "$BPE_TOKENS" "$src" "$tgt" \
-    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$tmp/PREPARED"
+  printf 'bpe=%s\nbpe_tokens=%s\nsource=%s\ntarget=%s\nsettings=%s\ncreated=%s\n' "$BPE" "$BPE_TOKENS" \
+    "$src" "$tgt" "$SETTINGS" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$tmp/PREPARED"
   rm -rf "$dest"
   mv "$tmp" "$dest"
   log "wrote $dest"
