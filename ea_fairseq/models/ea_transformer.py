@@ -8,6 +8,7 @@ the ``--ea-*`` defaults.
 from typing import Dict, List, Optional
 
 import torch
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import (
@@ -226,8 +227,6 @@ class EATransformerModel(TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
-        from fairseq.dataclass.utils import gen_parser_from_dataclass
-
         # defaults come from the architecture (ea_base_architecture), as for fairseq's flags
         gen_parser_from_dataclass(parser, EvolvingAttentionConfig(), delete_default=True)
 
