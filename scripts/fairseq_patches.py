@@ -159,6 +159,15 @@ PATCHES = [
         "        yield\n\n\n"
         "def convert_namespace_to_omegaconf(args: Namespace) -> DictConfig:\n",
     ),
+    # torch warns at every data loader on a machine without accelerator that
+    # pin_memory=True does nothing: pin only where CUDA is there (same on GPUs).
+    Patch(
+        "fairseq/data/iterators.py",
+        "pin memory only with CUDA",
+        "pin_memory=True,",
+        "pin_memory=torch.cuda.is_available(),",
+        count=2,
+    ),
     # --- numpy 2 --------------------------------------------------------------
     Patch(
         "fairseq/data/data_utils.py",
