@@ -7,10 +7,13 @@ each model variant:
   * beam-5 decoding with fairseq's SequenceGenerator, forced to a fixed number of
     steps (min_len = max_len) so that every variant decodes the same length.
 Variants run interleaved, repeat after repeat, so that machine noise hits all
-alike; the table gives medians and the ratio to the vanilla model.
+alike. The table gives each variant's median time and its ratio to the vanilla
+model: the median over repeats of (variant time / vanilla time in the same repeat),
+which cancels most of a noisy machine's drift.
 
-    python benchmarks/cost.py                        # CPU, transformer_iwslt_de_en
-    python benchmarks/cost.py --device cuda --fp16   # on a GPU
+    python benchmarks/cost.py                                     # CPU, transformer_iwslt_de_en
+    python benchmarks/cost.py --device cuda --precision fp16      # on a GPU
+    python benchmarks/cost.py --report results/cost_cpu.json      # table of an earlier --json run
 """
 
 import argparse
@@ -74,6 +77,8 @@ def make_batch(d, data_dir: Path, max_tokens: int, device):
         src.append(ts)
         tgt.append(tt)
         n_tok += len(tt)
+    if not src:
+        sys.exit(f"--max-tokens {max_tokens}: smaller than the first target sentence of {data_dir}/test.en")
     batch = {
         "src_tokens": data_utils.collate_tokens(src, d.pad(), d.eos(), left_pad=True),
         "src_lengths": torch.tensor([len(s) for s in src]),
@@ -132,7 +137,17 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--workdir", type=Path, default=REPO / "work" / "bench",
+                    help="where the dictionary built from --data goes (default: work/bench)")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="measure nothing: print the table of a file written by --json")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        if "header" not in saved:
+            sys.exit(f"{args.report}: not a results file of this script (no 'header')")
+        report(saved["header"], saved["results"])
+        return
 
     import ea_fairseq  # noqa: F401  (registers the architectures)
 
@@ -141,10 +156,12 @@ def main():
     device = torch.device(args.device)
     if not (args.data / "test.de").exists():
         sys.exit(f"{args.data}/test.de not found: pass --data (fairseq's BPE'd IWSLT14 test set)")
-    workdir = REPO / "work" / "bench"
-    workdir.mkdir(parents=True, exist_ok=True)
-    task, d = make_task(args.data, workdir)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    task, d = make_task(args.data, args.workdir)
     batch, n_tok = make_batch(d, args.data, args.max_tokens, device)
+    if args.decode_sentences > batch["src_tokens"].size(0):
+        sys.exit(f"--decode-sentences {args.decode_sentences}: the batch of --max-tokens {args.max_tokens} "
+                 f"holds only {batch['src_tokens'].size(0)} sentences")
     names = [v for v in args.variants.split(",") if v]
     models, opts = {}, {}
     for name in names:
@@ -164,25 +181,35 @@ def main():
                 update[n].append(tu)
                 decode[n].append(td)
 
-    base_u = statistics.median(update["vanilla"]) if "vanilla" in names else None
-    base_d = statistics.median(decode["vanilla"]) if "vanilla" in names else None
-    print(f"\nbatch: {batch['src_tokens'].size(0)} sentences, {n_tok} target tokens; "
-          f"decode: {args.decode_sentences} sentences x beam 5 x {args.decode_steps} steps; "
-          f"device {device}, threads {torch.get_num_threads()}, {args.precision}; median of {args.repeats}")
-    print(f"{'variant':<10} {'params':>11} {'update ms':>10} {'x vanilla':>9} {'decode ms':>10} {'x vanilla':>9}")
-    rows = []
-    for n in names:
-        mu, md = statistics.median(update[n]) * 1e3, statistics.median(decode[n]) * 1e3
-        ru = mu / (base_u * 1e3) if base_u else float("nan")
-        rd = md / (base_d * 1e3) if base_d else float("nan")
-        print(f"{n:<10} {params[n]:>11,} {mu:>10.1f} {ru:>9.2f} {md:>10.1f} {rd:>9.2f}")
-        rows.append({"variant": n, "params": params[n], "update_ms": mu, "update_ratio": ru,
-                     "decode_ms": md, "decode_ratio": rd,
-                     "update_ms_all": [t * 1e3 for t in update[n]], "decode_ms_all": [t * 1e3 for t in decode[n]]})
+    rows = [{"variant": n, "params": params[n],
+             "update_ms_all": [t * 1e3 for t in update[n]], "decode_ms_all": [t * 1e3 for t in decode[n]]}
+            for n in names]
+    header = (f"batch: {batch['src_tokens'].size(0)} sentences, {n_tok} target tokens; "
+              f"decode: {args.decode_sentences} sentences x beam 5 x {args.decode_steps} steps; "
+              f"device {device}, threads {torch.get_num_threads()}, {args.precision}; {args.repeats} repeats")
+    rows = report(header, rows)
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args) | {"data": str(args.data), "json": str(args.json)},
+        args.json.write_text(json.dumps({"header": header, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                          "target_tokens": n_tok, "results": rows}, indent=2))
 
+
+def report(header, rows):
+    """Print the table; return the rows with medians and paired ratios added."""
+    base = next((r for r in rows if r["variant"] == "vanilla"), None)
+
+    def ratio(r, key):
+        if base is None:
+            return float("nan")
+        return statistics.median(a / b for a, b in zip(r[key], base[key]))
+
+    print(f"\n{header}")
+    print(f"{'variant':<10} {'params':>11} {'update ms':>10} {'x vanilla':>9} {'decode ms':>10} {'x vanilla':>9}")
+    for r in rows:
+        r["update_ms"], r["decode_ms"] = statistics.median(r["update_ms_all"]), statistics.median(r["decode_ms_all"])
+        r["update_ratio"], r["decode_ratio"] = ratio(r, "update_ms_all"), ratio(r, "decode_ms_all")
+        print(f"{r['variant']:<10} {r['params']:>11,} {r['update_ms']:>10.1f} {r['update_ratio']:>9.2f} "
+              f"{r['decode_ms']:>10.1f} {r['decode_ratio']:>9.2f}")
+    return rows
 
 if __name__ == "__main__":
     main()

@@ -50,8 +50,8 @@ def lines(path):
 # ------------------------------------------------------------------------ shell hygiene
 
 def test_scripts_parse_and_are_shellcheck_clean():
-    files = sorted(str(p) for p in SCRIPTS.glob("*.sh")) + [str(SCRIPTS / "lib" / "common.sh"),
-                                                          str(Path(REPO) / ".ci" / "run")]
+    files = sorted(str(p) for p in [*SCRIPTS.glob("*.sh"), *(Path(REPO) / "benchmarks").glob("*.sh")])
+    files += [str(SCRIPTS / "lib" / "common.sh"), str(Path(REPO) / ".ci" / "run")]
     for f in files:
         subprocess.run(["bash", "-n", f], check=True)
     shellcheck = shutil.which("shellcheck", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
