@@ -32,6 +32,8 @@ install_requires = [
     "sacremoses==0.1.1",
     "subword-nmt==0.3.8",
     "sentencepiece==0.2.1",
+    # pictures (benchmarks/cost.py --plot)
+    "matplotlib==3.11.2",
     # training logs (--tensorboard-logdir)
     "tensorboard==2.21.0",
     "tensorboardX==2.6.5",

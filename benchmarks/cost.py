@@ -1,17 +1,27 @@
 #!/usr/bin/env python3
 """Cost of evolving attention against fairseq's transformer, side by side.
 
-Measures, on one real batch (IWSLT14 De-En test sentences, fairseq's BPE), for
-each model variant:
+Measures, on real batches (IWSLT14 De-En test sentences, fairseq's BPE), for each
+model variant and each sentence-length factor f (every sentence repeated f times):
+  * activation memory of one training step: the bytes autograd saves for backward
+    (``saved_tensors_hooks``, each storage counted once; device-independent), and on
+    a GPU also the peak CUDA memory of the step above what was allocated before it;
   * one training update: forward + backward (label-smoothed CE) + Adam step;
   * beam-5 decoding with fairseq's SequenceGenerator, forced to a fixed number of
-    steps (min_len = max_len) so that every variant decodes the same length.
+    steps (min_len = max_len) so that every variant decodes the same length
+    (``--decode-sentences / f`` sentences, ``--decode-steps * f`` steps).
 Variants run interleaved, repeat after repeat, so that machine noise hits all
-alike. The table gives each variant's median time and its ratio to the vanilla
-model: the median over repeats of (variant time / vanilla time in the same repeat),
-which cancels most of a noisy machine's drift.
+alike. Each ratio is the median over repeats of (variant time / vanilla time in the
+same repeat), which cancels most of a noisy machine's drift.
 
-    python benchmarks/cost.py                                     # CPU, transformer_iwslt_de_en
+Variants ``ea:autograd`` / ``ea+cross:autograd`` run the same models through the
+plain-autograd attention path (``EvolvingMultiheadAttention.impl = "autograd"``: every
+intermediate map kept for backward, explicit attention in layer 1, cross-attention
+keys/values copied per hypothesis in beam search): the implementation before the
+memory-saving path, measured in the same run.
+
+    python benchmarks/cost.py                                     # CPU, lengths 1x and 4x
+    python benchmarks/cost.py --lengths 1,2,4,8 --plot cost.png   # ratios against length
     python benchmarks/cost.py --device cuda --precision fp16      # on a GPU
     python benchmarks/cost.py --report results/cost_cpu.json      # table of an earlier --json run
 """
@@ -23,30 +33,41 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "iwslt14" / "fairseq_bpe10k"
 
+# name: (architecture, extra flags, attention implementation of the EA modules)
 VARIANTS = {
-    "vanilla": ("transformer_iwslt_de_en", []),
-    "ea-off": ("ea_transformer_iwslt_de_en", ["--ea-no-encoder-self-attn", "--ea-no-decoder-self-attn"]),
-    "ea": ("ea_transformer_iwslt_de_en", []),
-    "ea+cross": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"]),
+    "vanilla": ("transformer_iwslt_de_en", [], None),
+    "ea-off": ("ea_transformer_iwslt_de_en", ["--ea-no-encoder-self-attn", "--ea-no-decoder-self-attn"], None),
+    "ea": ("ea_transformer_iwslt_de_en", [], "fused"),
+    "ea+cross": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "fused"),
+    "ea:autograd": ("ea_transformer_iwslt_de_en", [], "autograd"),
+    "ea+cross:autograd": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "autograd"),
 }
+DEFAULT_VARIANTS = "vanilla,ea:autograd,ea,ea+cross:autograd,ea+cross"
 
 
-def build(arch, extra, task, device, half):
+def build(name, task, device, precision):
     from fairseq import options
 
+    from ea_fairseq.modules import EvolvingMultiheadAttention
+
+    arch, extra, impl = VARIANTS[name]
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
         str(task.cfg.data), "--task", "translation", "--user-dir", str(REPO / "ea_fairseq"), "--arch", arch,
         "--share-all-embeddings", "--source-lang", "de", "--target-lang", "en", *extra])
     torch.manual_seed(0)
     model = task.build_model(args).to(device)
-    return model.half() if half == "fp16" else model.bfloat16() if half == "bf16" else model
+    for module in model.modules():
+        if isinstance(module, EvolvingMultiheadAttention):
+            module.impl = impl
+    return model.half() if precision == "fp16" else model.bfloat16() if precision == "bf16" else model
 
 
 def make_task(data_dir: Path, workdir: Path):
@@ -62,23 +83,25 @@ def make_task(data_dir: Path, workdir: Path):
     return TranslationTask(cfg, d, d), d
 
 
-def make_batch(d, data_dir: Path, max_tokens: int, device):
-    """The first test sentences up to max_tokens (target side), as fairseq collates them."""
+def make_batch(d, data_dir: Path, max_tokens: int, factor: int, device, max_sentences: int = 0):
+    """The first test sentences, each repeated ``factor`` times, up to max_tokens target
+    tokens (or max_sentences sentences), collated as fairseq does. Returns (batch, target tokens)."""
     from fairseq.data import data_utils
 
     src_lines = (data_dir / "test.de").read_text().splitlines()
     tgt_lines = (data_dir / "test.en").read_text().splitlines()
     src, tgt, n_tok = [], [], 0
     for s, t in zip(src_lines, tgt_lines):
-        ts = d.encode_line(s, add_if_not_exist=False).long()
-        tt = d.encode_line(t, add_if_not_exist=False).long()
-        if n_tok + len(tt) > max_tokens:
+        ts = d.encode_line(" ".join([s] * factor), add_if_not_exist=False).long()
+        tt = d.encode_line(" ".join([t] * factor), add_if_not_exist=False).long()
+        if (max_tokens and n_tok + len(tt) > max_tokens) or (max_sentences and len(src) == max_sentences):
             break
         src.append(ts)
         tgt.append(tt)
         n_tok += len(tt)
     if not src:
-        sys.exit(f"--max-tokens {max_tokens}: smaller than the first target sentence of {data_dir}/test.en")
+        sys.exit(f"--max-tokens {max_tokens}: smaller than the first target sentence of {data_dir}/test.en "
+                 f"at length factor {factor}")
     batch = {
         "src_tokens": data_utils.collate_tokens(src, d.pad(), d.eos(), left_pad=True),
         "src_lengths": torch.tensor([len(s) for s in src]),
@@ -94,15 +117,46 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_update(model, opt, batch, pad, device):
+def _loss(model, batch, pad):
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-    model.train()
-    sync(device)
-    t0 = time.perf_counter()
     out = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
     lprobs = model.get_normalized_probs(out, log_probs=True).view(-1, out[0].size(-1))
     loss, _ = label_smoothed_nll_loss(lprobs.float(), batch["target"].view(-1), 0.1, ignore_index=pad)
+    return loss
+
+
+def measure_memory(model, batch, pad, device) -> Dict[str, float]:
+    """Bytes autograd saves for backward in one training step (each storage once) and,
+    on CUDA, the step's peak memory above what was allocated before it."""
+    model.train()
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(model, batch, pad)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    result = {"saved_mib": sum(seen.values()) / 2**20}
+    if device.type == "cuda":
+        sync(device)
+        result["peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return result
+
+
+def time_update(model, opt, batch, pad, device):
+    model.train()
+    sync(device)
+    t0 = time.perf_counter()
+    loss = _loss(model, batch, pad)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -110,12 +164,11 @@ def time_update(model, opt, batch, pad, device):
     return time.perf_counter() - t0
 
 
-def time_decode(model, d, batch, steps, device, n_sent):
+def time_decode(model, d, sample, steps, device):
     from fairseq.sequence_generator import SequenceGenerator
 
     model.eval()
     gen = SequenceGenerator([model], d, beam_size=5, max_len_a=0, max_len_b=steps, min_len=steps)
-    sample = {"net_input": {"src_tokens": batch["src_tokens"][:n_sent], "src_lengths": batch["src_lengths"][:n_sent]}}
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -128,29 +181,45 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("EA_IWSLT_BPE", DEFAULT_DATA)),
                     help="folder with fairseq-BPE'd test.de / test.en (default: ../shared/data/iwslt14/fairseq_bpe10k)")
-    ap.add_argument("--variants", default="vanilla,ea-off,ea,ea+cross", help="comma-separated, of: " + ", ".join(VARIANTS))
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated, of: " + ", ".join(VARIANTS))
+    ap.add_argument("--lengths", default="1,4",
+                    help="comma-separated sentence-length factors (each sentence repeated f times), e.g. 1,2,4,8")
     ap.add_argument("--max-tokens", type=int, default=2048, help="target tokens in the training batch")
-    ap.add_argument("--decode-sentences", type=int, default=32, help="sentences decoded with beam 5")
-    ap.add_argument("--decode-steps", type=int, default=30, help="decoding steps (forced length)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (after one warm-up)")
+    ap.add_argument("--decode-sentences", type=int, default=32, help="sentences decoded with beam 5 (at 1x; / f at f x)")
+    ap.add_argument("--decode-steps", type=int, default=30, help="decoding steps at 1x (forced length; * f at f x)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up); 0 measures memory only")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--plot", type=Path, metavar="PNG",
+                    help="also draw time and memory ratios against the length factor (matplotlib)")
     ap.add_argument("--workdir", type=Path, default=REPO / "work" / "bench",
                     help="where the dictionary built from --data goes (default: work/bench)")
     ap.add_argument("--report", type=Path, metavar="JSON",
-                    help="measure nothing: print the table of a file written by --json")
+                    help="measure nothing: print the table of a file written by --json (and --plot it)")
     args = ap.parse_args()
     if args.report:
         saved = json.loads(args.report.read_text())
-        if "header" not in saved:
-            sys.exit(f"{args.report}: not a results file of this script (no 'header')")
-        report(saved["header"], saved["results"])
+        if "header" not in saved or "lengths" not in saved:
+            sys.exit(f"{args.report}: not a results file of this script (no 'header' / 'lengths')")
+        report(saved["header"], saved["lengths"])
+        if args.plot:
+            plot(saved["lengths"], args.plot, saved["header"])
         return
 
     import ea_fairseq  # noqa: F401  (registers the architectures)
 
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+    try:
+        factors = [int(f) for f in args.lengths.split(",") if f]
+    except ValueError:
+        sys.exit(f"--lengths {args.lengths!r}: expected comma-separated positive integers, e.g. 1,4")
+    if not factors or min(factors) < 1:
+        sys.exit(f"--lengths {args.lengths!r}: expected comma-separated positive integers, e.g. 1,4")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -158,58 +227,123 @@ def main():
         sys.exit(f"{args.data}/test.de not found: pass --data (fairseq's BPE'd IWSLT14 test set)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     task, d = make_task(args.data, args.workdir)
-    batch, n_tok = make_batch(d, args.data, args.max_tokens, device)
-    if args.decode_sentences > batch["src_tokens"].size(0):
-        sys.exit(f"--decode-sentences {args.decode_sentences}: the batch of --max-tokens {args.max_tokens} "
-                 f"holds only {batch['src_tokens'].size(0)} sentences")
-    names = [v for v in args.variants.split(",") if v]
+
     models, opts = {}, {}
     for name in names:
-        arch, extra = VARIANTS[name]
-        models[name] = build(arch, extra, task, device, args.precision)
+        models[name] = build(name, task, device, args.precision)
         opts[name] = torch.optim.Adam([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
     # trainable parameters (fairseq 0.12.2 also keeps untrained BetterTransformer copies)
     params = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in models.items()}
 
-    update = {n: [] for n in names}
-    decode = {n: [] for n in names}
-    for rep in range(args.repeats + 1):  # repeat 0 is a warm-up
-        for n in names:
-            tu = time_update(models[n], opts[n], batch, d.pad(), device)
-            td = time_decode(models[n], d, batch, args.decode_steps, device, args.decode_sentences)
-            if rep:
-                update[n].append(tu)
-                decode[n].append(td)
+    per_length = []
+    for f in factors:
+        batch, n_tok = make_batch(d, args.data, args.max_tokens, f, device)
+        n_dec, steps = max(1, args.decode_sentences // f), args.decode_steps * f
+        dec_batch, _ = make_batch(d, args.data, 0, f, device, max_sentences=n_dec)
+        sample = {"net_input": {"src_tokens": dec_batch["src_tokens"], "src_lengths": dec_batch["src_lengths"]}}
+        memory = {n: measure_memory(models[n], batch, d.pad(), device) for n in names}
+        update = {n: [] for n in names}
+        decode = {n: [] for n in names}
+        for rep in range(args.repeats + 1 if args.repeats else 0):  # repeat 0 is a warm-up
+            for n in names:
+                tu = time_update(models[n], opts[n], batch, d.pad(), device)
+                td = time_decode(models[n], d, sample, steps, device)
+                if rep:
+                    update[n].append(tu)
+                    decode[n].append(td)
+        per_length.append({
+            "factor": f,
+            "batch": f"{batch['src_tokens'].size(0)} sentences, {n_tok} target tokens "
+                     f"(source {tuple(batch['src_tokens'].shape)}, target {tuple(batch['target'].shape)} padded)",
+            "decode": f"{dec_batch['src_tokens'].size(0)} sentences x beam 5 x {steps} steps",
+            "results": [{"variant": n, "params": params[n], **memory[n],
+                         "update_ms_all": [t * 1e3 for t in update[n]],
+                         "decode_ms_all": [t * 1e3 for t in decode[n]]} for n in names],
+        })
 
-    rows = [{"variant": n, "params": params[n],
-             "update_ms_all": [t * 1e3 for t in update[n]], "decode_ms_all": [t * 1e3 for t in decode[n]]}
-            for n in names]
-    header = (f"batch: {batch['src_tokens'].size(0)} sentences, {n_tok} target tokens; "
-              f"decode: {args.decode_sentences} sentences x beam 5 x {args.decode_steps} steps; "
-              f"device {device}, threads {torch.get_num_threads()}, {args.precision}; {args.repeats} repeats")
-    rows = report(header, rows)
+    header = (f"device {device}, threads {torch.get_num_threads()}, {args.precision}; {args.repeats} repeats; "
+              f"transformer_iwslt_de_en sizes")
+    report(header, per_length)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                         "target_tokens": n_tok, "results": rows}, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "header": header, "lengths": per_length,
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        }, indent=2))
+    if args.plot:
+        plot(per_length, args.plot, header)
 
 
-def report(header, rows):
-    """Print the table; return the rows with medians and paired ratios added."""
-    base = next((r for r in rows if r["variant"] == "vanilla"), None)
+def _median(values: List[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
-    def ratio(r, key):
-        if base is None:
-            return float("nan")
-        return statistics.median(a / b for a, b in zip(r[key], base[key]))
 
+def report(header: str, per_length: List[dict]) -> None:
+    """Print one table per length factor; add medians and ratios to the rows."""
     print(f"\n{header}")
-    print(f"{'variant':<10} {'params':>11} {'update ms':>10} {'x vanilla':>9} {'decode ms':>10} {'x vanilla':>9}")
-    for r in rows:
-        r["update_ms"], r["decode_ms"] = statistics.median(r["update_ms_all"]), statistics.median(r["decode_ms_all"])
-        r["update_ratio"], r["decode_ratio"] = ratio(r, "update_ms_all"), ratio(r, "decode_ms_all")
-        print(f"{r['variant']:<10} {r['params']:>11,} {r['update_ms']:>10.1f} {r['update_ratio']:>9.2f} "
-              f"{r['decode_ms']:>10.1f} {r['decode_ratio']:>9.2f}")
-    return rows
+    for block in per_length:
+        rows = block["results"]
+        base = next((r for r in rows if r["variant"] == "vanilla"), None)
+
+        def ratio(r, key):
+            if base is None or not r[key]:
+                return float("nan")
+            return statistics.median(a / b for a, b in zip(r[key], base[key]))
+
+        gpu = "peak_mib" in rows[0]
+        print(f"\nlength x{block['factor']}: batch {block['batch']}; decode {block['decode']}")
+        print(f"{'variant':<18} {'params':>11} {'saved MiB':>10} {'x vanilla':>9}"
+              + (f" {'peak MiB':>9} {'x vanilla':>9}" if gpu else "")
+              + f" {'update ms':>10} {'x vanilla':>9} {'decode ms':>10} {'x vanilla':>9}")
+        for r in rows:
+            r["update_ms"], r["decode_ms"] = _median(r["update_ms_all"]), _median(r["decode_ms_all"])
+            r["update_ratio"], r["decode_ratio"] = ratio(r, "update_ms_all"), ratio(r, "decode_ms_all")
+            r["saved_ratio"] = r["saved_mib"] / base["saved_mib"] if base else float("nan")
+            line = f"{r['variant']:<18} {r['params']:>11,} {r['saved_mib']:>10.1f} {r['saved_ratio']:>9.3f}"
+            if gpu:
+                r["peak_ratio"] = r["peak_mib"] / base["peak_mib"] if base else float("nan")
+                line += f" {r['peak_mib']:>9.1f} {r['peak_ratio']:>9.3f}"
+            line += (f" {r['update_ms']:>10.1f} {r['update_ratio']:>9.2f}"
+                     f" {r['decode_ms']:>10.1f} {r['decode_ratio']:>9.2f}")
+            print(line)
+
+
+def plot(per_length: List[dict], path: Path, header: str) -> None:
+    """Three panels against the length factor: update-time, decode-time and memory ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report_rows = {}
+    for block in per_length:
+        for r in block["results"]:
+            report_rows.setdefault(r["variant"], []).append((block["factor"], r))
+    panels = [("update_ratio", "one training update"), ("decode_ratio", "beam-5 decoding"),
+              ("saved_ratio", "activation memory (saved for backward)")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharex=True)
+    for ax, (key, title) in zip(axes, panels):
+        for variant, points in report_rows.items():
+            if variant == "vanilla":
+                continue
+            xs = [f for f, _ in points]
+            ys = [r.get(key, float("nan")) for _, r in points]
+            style = "--" if variant.endswith(":autograd") else "-"
+            ax.plot(xs, ys, style, marker="o", label=variant)
+        ax.axhline(1.0, color="black", linewidth=0.8, label="vanilla")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([b["factor"] for b in per_length], [f"{b['factor']}x" for b in per_length])
+        ax.set_title(title)
+        ax.set_xlabel("sentence length (each sentence repeated)")
+        ax.set_ylabel("x vanilla")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"evolving attention / vanilla fairseq transformer ({header})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

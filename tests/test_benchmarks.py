@@ -9,21 +9,32 @@ from recipe_fixtures import SHARED
 
 
 def test_cost_benchmark_runs_and_reports(tmp_path):
-    out = tmp_path / "cost.json"
+    out, png = tmp_path / "cost.json", tmp_path / "cost.png"
     cmd = [sys.executable, REPO + "/benchmarks/cost.py", "--data", SHARED / "iwslt14" / "fairseq_bpe10k",
-           "--variants", "vanilla,ea", "--max-tokens", "400", "--decode-sentences", "2",
-           "--decode-steps", "3", "--repeats", "2", "--threads", "1", "--workdir", tmp_path / "work",
-           "--json", out]
+           "--variants", "vanilla,ea:autograd,ea", "--lengths", "1,2", "--max-tokens", "300",
+           "--decode-sentences", "2", "--decode-steps", "3", "--repeats", "2", "--threads", "1",
+           "--workdir", tmp_path / "work", "--json", out, "--plot", png]
     table = run(cmd, cwd=tmp_path).stdout
     saved = json.loads(out.read_text())
-    rows = {r["variant"]: r for r in saved["results"]}
-    assert set(rows) == {"vanilla", "ea"}
-    for r in rows.values():
-        assert len(r["update_ms_all"]) == len(r["decode_ms_all"]) == 2
-        assert r["update_ms"] > 0 and r["decode_ms"] > 0
-    assert rows["vanilla"]["update_ratio"] == rows["vanilla"]["decode_ratio"] == 1.0
-    # EA adds one conv per layer after the first, and nothing else
-    assert rows["ea"]["params"] > rows["vanilla"]["params"]
-    # --report prints the same table from the file
+    assert [b["factor"] for b in saved["lengths"]] == [1, 2]
+    for block in saved["lengths"]:
+        rows = {r["variant"]: r for r in block["results"]}
+        assert set(rows) == {"vanilla", "ea:autograd", "ea"}
+        for r in rows.values():
+            assert len(r["update_ms_all"]) == len(r["decode_ms_all"]) == 2
+            assert r["saved_mib"] > 0
+        # the memory-saving path keeps fewer bytes than the plain-autograd one
+        assert rows["ea"]["saved_mib"] < rows["ea:autograd"]["saved_mib"]
+        # EA adds one conv per layer after the first, and nothing else
+        assert rows["ea"]["params"] > rows["vanilla"]["params"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --report prints the same tables from the file
     again = run([sys.executable, REPO + "/benchmarks/cost.py", "--report", out], cwd=tmp_path).stdout
-    assert again.strip() == table.strip().split("\n\n")[-1].strip()
+    assert again.strip() in table
+
+
+def test_cost_benchmark_rejects_bad_lengths(tmp_path):
+    proc = __import__("subprocess").run(
+        [sys.executable, REPO + "/benchmarks/cost.py", "--lengths", "0,x", "--workdir", tmp_path],
+        capture_output=True, text=True)
+    assert proc.returncode != 0 and "--lengths" in proc.stderr

@@ -7,19 +7,31 @@ with raw logits S_l = Q K^T / sqrt(d_head) of shape (B, H, Tq, Tk)::
     M_l = (1 - beta) * S_l + beta * A_{l-1}          # residual link between layers
     C_l = act(Conv2d_l(zero_masked(M_l)))             # heads are the conv's channels
     A_l = alpha * C_l + (1 - alpha) * M_l             # residual link around the conv
-    P_l = softmax(A_l + mask_bias)                    # float32
+    P_l = softmax(A_l + attn_mask)                    # float32, masked keys excluded
 
 and A_1 = S_1. Masked cells (padded keys, future keys, padded query rows) are set
-to 0 before the conv and in the map handed on; the -inf mask is applied only for
-the softmax. In decoder stacks the conv is causal along the query axis (row t sees
-rows t-k+1..t) so that no position sees the token it has to predict; along the key
-axis it is centred. See ../shared/design/evolving-attention.md.
+to 0 before the conv and in the map handed on; the mask is applied only for the
+softmax. A query row whose keys are all masked gets all-zero probabilities. In
+decoder stacks the conv is causal along the query axis (row t sees rows t-k+1..t)
+so that no position sees the token it has to predict; along the key axis it is
+centred. See ../shared/design/evolving-attention.md.
+
+Memory and speed (training and full forward passes):
+* layer 1 of a stack computes its output with ``scaled_dot_product_attention``,
+  fairseq's fused kernel, and hands on S_1 (one extra matmul);
+* layers l > 1 run ``_EvolvingAttentionFunction``: the forward keeps only q, k, v,
+  A_{l-1}, the conv weights, the (small, shared) masks and, with attention dropout,
+  a boolean dropout mask; the backward recomputes the cheap elementwise chain
+  (S, M, conv, A, softmax) instead of storing four (B, H, Tq, Tk) tensors.
+``impl = "autograd"`` (a module attribute) runs the same formulas with plain
+autograd instead: the reference the tests compare against, and the "before" of
+``benchmarks/cost.py``.
 
 Mask polarity follows fairseq: True / 1 = padding (excluded).
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +46,14 @@ EA_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
 }
 EA_INITS = ("dirac", "kaiming")
+EA_IMPLS = ("fused", "autograd")
 
 # fairseq's additive masks hold -inf, or -1e8 / -1e4 where its encoder layer turns a
-# boolean mask into a float one; anything at or below this counts as "masked".
+# boolean mask into a float one; anything at or below this counts as "masked" (excluded
+# from the softmax and zero in the map). Other float values are added to the logits.
 _MASKED_BIAS = -1e4
+
+IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
 
 @dataclass(frozen=True)
@@ -76,22 +92,176 @@ class EAConv(nn.Module):
     def extra_repr(self) -> str:
         return f"causal={self.causal}, activation={self.activation}"
 
-    def forward(self, m: Tensor) -> Tensor:
-        """m: (B, H, Tq, Tk), zero at masked cells -> (B, H, Tq, Tk)."""
+    def forward(self, m: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+        """m: (B, H, Tq, Tk), zero at masked cells -> (B, H, Tq, Tk). ``weight`` /
+        ``bias`` stand in for the conv's own (the recomputation in backward passes them)."""
+        weight = self.conv.weight if weight is None else weight
+        bias = self.conv.bias if bias is None else bias
         k, r = self.kernel_size, self.kernel_size // 2
-        if self.causal:
-            # pad k-1 rows on both sides and keep the first Tq output rows:
-            # output row i then covers input rows i-k+1..i
-            out = F.conv2d(m, self.conv.weight, self.conv.bias, padding=(k - 1, r))[:, :, : m.size(2)]
+        if self.causal and k > 1:
+            # k-1 zero rows on top, none below: output row i covers input rows i-k+1..i
+            out = F.conv2d(F.pad(m, (r, r, k - 1, 0)), weight.to(m.dtype), bias.to(m.dtype))
         else:
-            out = F.conv2d(m, self.conv.weight, self.conv.bias, padding=(r, r))
+            out = F.conv2d(m, weight.to(m.dtype), bias.to(m.dtype), padding=(r, r))
         return self._act(out)
 
     def forward_window(self, window: Tensor) -> Tensor:
         """Incremental decoding: window (B, H, k-1+Tq, Tk) = the k-1 zero-masked rows
         above the new rows, then the new rows. Returns the new rows' output (B, H, Tq, Tk)."""
-        out = F.conv2d(window, self.conv.weight, self.conv.bias, padding=(0, self.kernel_size // 2))
-        return self._act(out)
+        w, b = self.conv.weight.to(window.dtype), self.conv.bias.to(window.dtype)
+        return self._act(F.conv2d(window, w, b, padding=(0, self.kernel_size // 2)))
+
+
+class MaskInputs(NamedTuple):
+    """fairseq's masks of one attention call, as it passes them (None where absent)."""
+
+    key_padding_mask: Optional[Tensor]  # (B, Tk), True / 1 = pad
+    attn_mask: Optional[Tensor]  # (Tq, Tk): bool (True = masked) or additive float
+    query_padding_mask: Optional[Tensor]  # (B, Tq), True = pad (EA's map rows to zero)
+
+
+class EAMasks(NamedTuple):
+    """The masks of one attention call, each broadcastable to (B, H, Tq, Tk).
+
+    Built from fairseq's small masks; their storages are shared by every layer of a
+    stack, so the bytes saved for backward do not grow with depth.
+    """
+
+    blocked: Optional[Tensor]  # bool (B|1, 1, Tq|1, Tk): excluded from the softmax
+    zeroed: Optional[Tensor]  # bool: blocked, or a padded query row: 0 in the map
+    bias: Optional[Tensor]  # float (1, 1, Tq, Tk): a float attn_mask, added to the logits
+    empty_rows: Optional[Tensor]  # bool (B|1, 1, Tq|1, 1): every key blocked -> zero probabilities
+
+    @staticmethod
+    def build(bsz: int, tgt_len: int, src_len: int, key_padding_mask: Optional[Tensor],
+              attn_mask: Optional[Tensor], query_padding_mask: Optional[Tensor]) -> "EAMasks":
+        """key_padding_mask (B, Tk), True/1 = pad; attn_mask (Tq, Tk), bool (True =
+        masked) or additive float (<= -1e4 / -inf = masked, other values added to the
+        logits); query_padding_mask (B, Tq), True = pad."""
+        blocked: Optional[Tensor] = None
+        bias: Optional[Tensor] = None
+        if key_padding_mask is not None:
+            blocked = key_padding_mask.to(torch.bool).view(bsz, 1, 1, src_len)
+        if attn_mask is not None:
+            if attn_mask.dim() != 2:
+                raise ValueError(
+                    f"evolving attention takes a 2-D attn_mask (Tq, Tk) shared by the batch, "
+                    f"got shape {tuple(attn_mask.shape)}"
+                )
+            if attn_mask.dtype == torch.bool:
+                am = attn_mask
+            else:
+                am = attn_mask <= _MASKED_BIAS
+                bias = attn_mask.view(1, 1, tgt_len, src_len)
+            am = am.view(1, 1, tgt_len, src_len)
+            blocked = am if blocked is None else blocked | am
+        zeroed = blocked
+        if query_padding_mask is not None:
+            qpad = query_padding_mask.to(torch.bool).view(bsz, 1, tgt_len, 1)
+            zeroed = qpad if zeroed is None else zeroed | qpad
+        empty_rows = blocked.all(dim=-1, keepdim=True) if blocked is not None else None
+        return EAMasks(blocked, zeroed, bias, empty_rows)
+
+
+def _masked_softmax(a: Tensor, masks: EAMasks) -> Tensor:
+    """softmax over keys of A (+ float attn_mask) in float32 (float64 stays float64);
+    blocked cells get probability 0, and rows with no unblocked key are all 0."""
+    logits = a.to(torch.promote_types(a.dtype, torch.float32))
+    if masks.bias is not None:
+        logits = logits + masks.bias
+    if masks.blocked is not None:
+        # finite, so that a row with every key blocked stays finite (zeroed below)
+        logits = logits.masked_fill(masks.blocked, torch.finfo(logits.dtype).min)
+    probs = F.softmax(logits, dim=-1)
+    if masks.empty_rows is not None:
+        probs = probs.masked_fill(masks.empty_rows, 0.0)
+    return probs
+
+
+class _EvolvingAttentionFunction(torch.autograd.Function):
+    """Layers l > 1 of a stack: (q, k, v, A_{l-1}, conv weights) -> (out, A_l, P_l).
+
+    Saves q, k, v, A_{l-1}, the conv weights, the masks and (with attention dropout)
+    the boolean keep-mask; the backward recomputes S, M, conv, A and P (all cheap next
+    to the projections) and back-propagates through them with autograd, so the exact
+    gradients of the plain computation come out without keeping its four
+    (B, H, Tq, Tk) intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, module: "EvolvingMultiheadAttention", mask_inputs: "MaskInputs", q: Tensor, k: Tensor,
+                v: Tensor, prev: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor]):
+        # q: (B*H, Tq, D), pre-scaled; k, v: (B*H, Tk, D); prev: (B, H, Tq, Tk) or None
+        masks = module._build_masks(q, k, mask_inputs)
+        a, probs = module._evolve_and_softmax(q, k, prev, masks, None, weight, bias)
+        keep = module._dropout_keep_mask(probs)
+        dropped = probs if keep is None else probs * keep / (1.0 - module.dropout_module.p)
+        assert v.size(0) == q.size(0), "keys/values shared across beams are for incremental decoding only"
+        out = torch.bmm(dropped.to(v.dtype).flatten(0, 1), v)  # (B*H, Tq, D)
+        ctx.module = module
+        # the mask inputs are fairseq's small masks, the same tensors in every layer
+        ctx.save_for_backward(q, k, v, prev, weight, bias, keep, *mask_inputs)
+        ctx.mark_non_differentiable(probs)
+        ctx.set_materialize_grads(False)
+        return out, a, probs
+
+    @staticmethod
+    def backward(ctx, d_out: Optional[Tensor], d_a: Optional[Tensor], _d_probs):
+        q, k, v, prev, weight, bias, keep, *mask_inputs = ctx.saved_tensors
+        module = ctx.module
+        masks = module._build_masks(q, k, MaskInputs(*mask_inputs))
+        needs = ctx.needs_input_grad  # (module, mask_inputs, q, k, v, prev, weight, bias)
+        # leaves of the recomputation: q, k, prev, weight, bias
+        leaves = [None if t is None else t.detach().requires_grad_(needs[i])
+                  for t, i in ((q, 2), (k, 3), (prev, 5), (weight, 6), (bias, 7))]
+        with torch.enable_grad():
+            a, probs = module._evolve_and_softmax(leaves[0], leaves[1], leaves[2], masks, None,
+                                                  leaves[3], leaves[4])
+            dropped = probs if keep is None else probs * keep / (1.0 - module.dropout_module.p)
+            dropped = dropped.to(v.dtype).flatten(0, 1)  # (B*H, Tq, Tk)
+        d_v = None
+        outputs, grads = [], []
+        if d_out is not None:
+            if needs[4]:
+                d_v = torch.bmm(dropped.detach().transpose(1, 2), d_out)  # (B*H, Tk, D)
+            outputs.append(dropped)
+            grads.append(torch.bmm(d_out, v.transpose(1, 2)))  # d(dropped): (B*H, Tq, Tk)
+        if d_a is not None:
+            outputs.append(a)
+            grads.append(d_a)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs and wanted else ())
+        d_q, d_k, d_prev, d_w, d_b = [next(got, None) if t is not None and t.requires_grad else None
+                                      for t in leaves]
+        return None, None, d_q, d_k, d_v, d_prev, d_w, d_b
+
+
+class _FirstLayerScoresFunction(torch.autograd.Function):
+    """Layer 1 of a stack: (q, k) -> S_1 = q k^T, zero at masked cells (B, H, Tq, Tk).
+
+    Saves q and k (which the fused attention keeps as well) and the small mask inputs,
+    not a (B, 1, Tq, Tk) mask of its own."""
+
+    @staticmethod
+    def forward(ctx, module: "EvolvingMultiheadAttention", mask_inputs: "MaskInputs", q: Tensor, k: Tensor):
+        zeroed = module._build_masks(q, k, mask_inputs).zeroed
+        scores = module._scores(q, k, q.size(0) // module.num_heads)
+        if zeroed is not None:
+            scores = scores.masked_fill_(zeroed, 0.0)
+        ctx.module = module
+        ctx.save_for_backward(q, k, *mask_inputs)
+        return scores
+
+    @staticmethod
+    def backward(ctx, d_scores: Tensor):
+        q, k, *mask_inputs = ctx.saved_tensors
+        zeroed = ctx.module._build_masks(q, k, MaskInputs(*mask_inputs)).zeroed
+        if zeroed is not None:
+            d_scores = d_scores.masked_fill(zeroed, 0.0)
+        d_scores = d_scores.flatten(0, 1)  # (B*H, Tq, Tk)
+        d_q = torch.bmm(d_scores, k) if ctx.needs_input_grad[2] else None
+        d_k = torch.bmm(d_scores.transpose(1, 2), q) if ctx.needs_input_grad[3] else None
+        return None, None, d_q, d_k
 
 
 class EALink:
@@ -124,11 +294,14 @@ class EALink:
 class EvolvingMultiheadAttention(MultiheadAttention):
     """fairseq ``MultiheadAttention`` whose logits evolve along the stack.
 
-    Always computes the logits explicitly (never fairseq's fused fast path, which
-    hides them). Supports self-attention and encoder-decoder attention, key padding,
-    an additive/boolean ``attn_mask`` (treated as binary), incremental decoding and
-    beam reordering. The incremental state keeps, besides fairseq's keys and values,
-    the last k-1 zero-masked rows of M under this module's own key ("ea_state").
+    Supports self-attention and encoder-decoder attention, key padding, a 2-D
+    ``attn_mask`` (bool, or float: masked at <= -1e4 / -inf, other values added to
+    the logits), incremental decoding and beam search. The incremental state keeps,
+    besides fairseq's keys and values, the last k-1 zero-masked rows of M under this
+    module's own key ("ea_state"). In beam search, cross-attention keys and values are
+    computed and kept once per sentence (fairseq's ``set_beam_size`` shortcut) while
+    the EA rows stay per hypothesis; a reorder that moves a hypothesis to another
+    sentence gives each hypothesis its own copy, so any order stays exact.
 
     Rewrites the attention path of fairseq/modules/multihead_attention.py (0.12.2,
     ``MultiheadAttention.forward``, non-fused branch) and reuses its projections,
@@ -147,6 +320,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         self.ea_conv = (
             EAConv(num_heads, ea.kernel_size, ea.causal, ea.activation, ea.init) if ea.has_conv else None
         )
+        self.impl = "fused"  # or "autograd": see the module docstring
         self._ea_link: Optional[EALink] = None
 
     def extra_repr(self) -> str:
@@ -156,29 +330,42 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         """Context for one call: ``with attn.evolve(prev, qpm) as link: ...; link.out``."""
         return EALink(self, prev, query_padding_mask)
 
-    def set_beam_size(self, beam_size: int) -> None:
-        # fairseq's shortcut shares cross-attention keys across the beams of a
-        # sentence; the evolving maps are per hypothesis, so keep beam_size = 1.
-        pass
-
     # -- incremental state -------------------------------------------------------------
     def _get_ea_history(self, incremental_state) -> Optional[Tensor]:
         buf = self.get_incremental_state(incremental_state, "ea_state")
         return None if buf is None else buf.get("rows")
 
-    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        """Reorder cached keys/values/masks and EA rows along the batch (beam) axis.
+    def _shares_kv(self) -> bool:
+        return self.encoder_decoder_attention and self.beam_size > 1 and self.impl == "fused"
 
-        Unlike fairseq's version this is right for any permutation: nothing is
-        shared between hypotheses here (see ``set_beam_size``).
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
+        """Reorder the cached state along the batch (hypothesis) axis; exact for any order.
+
+        Per-hypothesis entries (keys/values of self-attention, EA rows) are reordered.
+        Cross-attention keys/values kept once per sentence ("shared_*") follow the
+        sentences when every hypothesis stays within its sentence, as in beam search;
+        otherwise each hypothesis gets its own copy from then on.
         """
         for key in ("attn_state", "ea_state"):
             buf = self.get_incremental_state(incremental_state, key)
             if buf is None:
                 continue
+            reordered: Dict[str, Optional[Tensor]] = {}
+            shared = [name for name in buf if name.startswith("shared_") and buf[name] is not None]
+            if shared:
+                beam = self.beam_size
+                sent_of = new_order // beam  # the sentence each new hypothesis comes from
+                by_sent = sent_of.view(-1, beam) if new_order.numel() % beam == 0 else None
+                if by_sent is not None and torch.equal(by_sent, by_sent[:, :1].expand_as(by_sent)):
+                    for name in shared:
+                        reordered[name] = buf[name].index_select(0, by_sent[:, 0])
+                else:
+                    for name in shared:  # un-share: one copy per hypothesis from now on
+                        reordered["prev_" + name[len("shared_"):]] = buf[name].index_select(0, sent_of)
             for name, value in buf.items():
-                if value is not None:
-                    buf[name] = value.index_select(0, new_order)
+                if not name.startswith("shared_"):
+                    reordered[name] = None if value is None else value.index_select(0, new_order)
+            buf = reordered
             incremental_state = self.set_incremental_state(incremental_state, key, buf)
         return incremental_state
 
@@ -189,7 +376,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         key: Optional[Tensor],
         value: Optional[Tensor],
         key_padding_mask: Optional[Tensor] = None,
-        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        incremental_state: IncrementalState = None,
         need_weights: bool = True,
         static_kv: bool = False,
         attn_mask: Optional[Tensor] = None,
@@ -197,8 +384,8 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         need_head_weights: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """query: (Tq, B, C); key/value: (Tk, B, C_kv). key_padding_mask: (B, Tk),
-        True = pad. attn_mask: (Tq, Tk), additive (-inf = masked) or bool (True =
-        masked). Returns (out (Tq, B, C), weights (B, Tq, Tk) averaged over heads, or
+        True = pad. attn_mask: (Tq, Tk), additive float or bool (True = masked).
+        Returns (out (Tq, B, C), weights (B, Tq, Tk) averaged over heads, or
         (H, B, Tq, Tk) with need_head_weights, or None)."""
         need_weights = need_weights or need_head_weights
         tgt_len, bsz, embed_dim = query.size()
@@ -206,94 +393,163 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         link = self._ea_link
 
         saved = self._get_input_buffer(incremental_state) if incremental_state is not None else None
+        cached_kv = saved is not None and static_kv and ("prev_key" in saved or "shared_key" in saved)
         q = self.q_proj(query) * self.scaling
+        share = False
         if self.self_attention:
             k, v = self.k_proj(query), self.v_proj(query)
-        elif saved is not None and static_kv and "prev_key" in saved:
+        elif cached_kv:
             k = v = None  # encoder keys/values are cached
         else:
             assert key is not None and value is not None
+            share = saved is not None and self._shares_kv() and key.size(1) == bsz
+            if share:
+                # the hypotheses of a sentence share its source: one row per sentence
+                key = key.view(key.size(0), -1, self.beam_size, key.size(2))[:, :, 0]  # (Tk, B/beam, C)
+                value = value.view(value.size(0), -1, self.beam_size, value.size(2))[:, :, 0]
+                if key_padding_mask is not None:
+                    key_padding_mask = key_padding_mask.view(-1, self.beam_size, key_padding_mask.size(1))[:, 0]
             k, v = self.k_proj(key), self.v_proj(value)
 
         q = q.contiguous().view(tgt_len, bsz * heads, head_dim).transpose(0, 1)  # (B*H, Tq, D)
         if k is not None:
-            k = k.contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1)  # (B*H, Tk, D)
-            v = v.contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1)  # (B*H, Tk, D)
+            k = k.contiguous().view(k.size(0), -1, head_dim).transpose(0, 1)  # (B'*H, Tk, D)
+            v = v.contiguous().view(v.size(0), -1, head_dim).transpose(0, 1)  # (B'*H, Tk, D)
 
         if saved is not None:
-            if "prev_key" in saved:
-                prev_k = saved["prev_key"].view(bsz * heads, -1, head_dim)  # (B*H, Tk', D)
-                prev_v = saved["prev_value"].view(bsz * heads, -1, head_dim)
+            tag = "shared_" if share or "shared_key" in saved else "prev_"
+            if tag + "key" in saved:
+                kv_bsz = saved[tag + "key"].size(0)
+                prev_k = saved[tag + "key"].view(kv_bsz * heads, -1, head_dim)  # (B'*H, Tk', D)
+                prev_v = saved[tag + "value"].view(kv_bsz * heads, -1, head_dim)
                 k = prev_k if static_kv else torch.cat([prev_k, k], dim=1)
                 v = prev_v if static_kv else torch.cat([prev_v, v], dim=1)
+            kv_bsz = k.size(0) // heads
             key_padding_mask = MultiheadAttention._append_prev_key_padding_mask(
                 key_padding_mask=key_padding_mask,
-                prev_key_padding_mask=saved.get("prev_key_padding_mask"),
-                batch_size=bsz,
+                prev_key_padding_mask=saved.get(tag + "key_padding_mask"),
+                batch_size=kv_bsz,
                 src_len=k.size(1),
                 static_kv=static_kv,
             )
-            saved["prev_key"] = k.view(bsz, heads, -1, head_dim)  # (B, H, Tk, D)
-            saved["prev_value"] = v.view(bsz, heads, -1, head_dim)
-            saved["prev_key_padding_mask"] = key_padding_mask
+            saved[tag + "key"] = k.view(kv_bsz, heads, -1, head_dim)  # (B', H, Tk, D)
+            saved[tag + "value"] = v.view(kv_bsz, heads, -1, head_dim)
+            saved[tag + "key_padding_mask"] = key_padding_mask
             incremental_state = self._set_input_buffer(incremental_state, saved)
         src_len = k.size(1)
         if key_padding_mask is not None and key_padding_mask.dim() == 0:
             key_padding_mask = None  # fairseq's stand-in for None under TorchScript
+        kv_bsz = k.size(0) // heads
+        if kv_bsz != bsz and key_padding_mask is not None:  # one row per sentence -> per hypothesis
+            key_padding_mask = key_padding_mask.repeat_interleave(bsz // kv_bsz, dim=0)
 
-        logits = torch.bmm(q, k.transpose(1, 2)).view(bsz, heads, tgt_len, src_len)  # S: (B, H, Tq, Tk)
-
-        # cells excluded from the softmax (B|1, 1, Tq|1, Tk), and those also zeroed in
-        # the map (plus padded query rows)
-        blocked: Optional[Tensor] = None
-        if key_padding_mask is not None:
-            blocked = key_padding_mask.to(torch.bool).view(bsz, 1, 1, src_len)
-        if attn_mask is not None:
-            am = attn_mask if attn_mask.dtype == torch.bool else attn_mask <= _MASKED_BIAS
-            am = am.view(1, 1, tgt_len, src_len)
-            blocked = am if blocked is None else blocked | am
-        zeroed = blocked
-        if link is not None and link.query_padding_mask is not None:
-            qpad = link.query_padding_mask.to(torch.bool).view(bsz, 1, tgt_len, 1)
-            zeroed = qpad if zeroed is None else zeroed | qpad
-
+        mask_inputs = MaskInputs(key_padding_mask, attn_mask, link.query_padding_mask if link is not None else None)
+        masks = self._build_masks(q, k, mask_inputs)
         prev = link.prev if link is not None else None
-        evolved = self._evolve(logits, prev, zeroed, incremental_state)  # A_l: (B, H, Tq, Tk)
+        if prev is not None and prev.shape != (bsz, heads, tgt_len, src_len):
+            raise RuntimeError(
+                f"evolving attention: previous map {tuple(prev.shape)} does not match "
+                f"this layer's logits {(bsz, heads, tgt_len, src_len)}"
+            )
+
+        fused = (self.impl == "fused" and incremental_state is None and not before_softmax
+                 and not torch.jit.is_scripting())
+        probs: Optional[Tensor] = None
+        if fused and self.ea_conv is None and prev is None and not need_weights:
+            attn = self._attend_first_layer(q, k, v, masks, bsz)
+            evolved = _FirstLayerScoresFunction.apply(self, mask_inputs, q, k)
+        elif fused and (torch.is_grad_enabled() or need_weights):
+            weight = self.ea_conv.conv.weight if self.ea_conv is not None else None
+            bias = self.ea_conv.conv.bias if self.ea_conv is not None else None
+            attn, evolved, probs = _EvolvingAttentionFunction.apply(self, mask_inputs, q, k, v, prev, weight,
+                                                                             bias)
+        else:
+            evolved, probs = self._evolve_and_softmax(q, k, prev, masks, incremental_state)
+            if before_softmax:
+                logits = evolved if masks.bias is None else evolved + masks.bias
+                if masks.blocked is not None:
+                    logits = logits.masked_fill(masks.blocked, float("-inf"))
+                return logits.view(bsz * heads, tgt_len, src_len), v
+            attn = self._weighted_values(self.dropout_module(probs.type_as(q)), v, bsz)
         if link is not None:
             link.out = evolved
-        if blocked is not None:
-            logits = evolved.masked_fill(blocked, float("-inf"))
-        else:
-            logits = evolved
 
-        logits = logits.view(bsz * heads, tgt_len, src_len)
-        if before_softmax:
-            return logits, v
-
-        # float32 for half-precision logits (and float64 ones stay float64)
-        probs_float = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        probs = self.dropout_module(probs_float.type_as(logits))
-        attn = torch.bmm(probs, v)  # (B*H, Tq, D)
         attn = attn.transpose(0, 1).contiguous().view(tgt_len, bsz, embed_dim)
         attn = self.out_proj(attn)
 
         weights: Optional[Tensor] = None
         if need_weights:
-            weights = probs_float.view(bsz, heads, tgt_len, src_len).transpose(1, 0)  # (H, B, Tq, Tk)
+            assert probs is not None
+            weights = probs.view(bsz, heads, tgt_len, src_len).transpose(1, 0)  # (H, B, Tq, Tk)
             if not need_head_weights:
                 weights = weights.mean(dim=0)  # (B, Tq, Tk)
         return attn, weights
 
+    # -- the pieces ----------------------------------------------------------------------
+    def _scores(self, q: Tensor, k: Tensor, bsz: int) -> Tensor:
+        """S = q k^T: q (B*H, Tq, D), pre-scaled; k (B'*H, Tk, D), B' = B or B / beam
+        (keys kept once per sentence). Returns (B, H, Tq, Tk)."""
+        heads, tgt_len = self.num_heads, q.size(1)
+        kv_bsz = k.size(0) // heads
+        if kv_bsz == bsz:
+            return torch.bmm(q, k.transpose(1, 2)).view(bsz, heads, tgt_len, -1)
+        qs = q.view(kv_bsz, -1, heads, tgt_len, q.size(2))  # (B', beam, H, Tq, D)
+        ks = k.view(kv_bsz, 1, heads, k.size(1), k.size(2))  # (B', 1, H, Tk, D)
+        return torch.matmul(qs, ks.transpose(-1, -2)).view(bsz, heads, tgt_len, -1)
+
+    def _weighted_values(self, probs: Tensor, v: Tensor, bsz: int) -> Tensor:
+        """probs (B, H, Tq, Tk) @ v (B'*H, Tk, D) -> (B*H, Tq, D)."""
+        heads, tgt_len = self.num_heads, probs.size(2)
+        kv_bsz = v.size(0) // heads
+        if kv_bsz == bsz:
+            return torch.bmm(probs.flatten(0, 1), v)
+        ps = probs.view(kv_bsz, -1, heads, tgt_len, probs.size(3))  # (B', beam, H, Tq, Tk)
+        vs = v.view(kv_bsz, 1, heads, v.size(1), v.size(2))  # (B', 1, H, Tk, D)
+        return torch.matmul(ps, vs).view(bsz * heads, tgt_len, -1)
+
+    def _evolve_and_softmax(self, q: Tensor, k: Tensor, prev: Optional[Tensor], masks: EAMasks,
+                            incremental_state: IncrementalState, weight: Optional[Tensor] = None,
+                            bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(q, k, A_{l-1}) -> (A_l (B, H, Tq, Tk), zero at masked cells; P_l, float32)."""
+        bsz = q.size(0) // self.num_heads
+        evolved = self._evolve(self._scores(q, k, bsz), prev, masks.zeroed, incremental_state, weight, bias)
+        return evolved, _masked_softmax(evolved, masks)
+
+    def _dropout_keep_mask(self, probs: Tensor) -> Optional[Tensor]:
+        """Boolean keep-mask of attention dropout (None when dropout is off)."""
+        p = self.dropout_module.p
+        if p <= 0 or not (self.training or self.dropout_module.apply_during_inference):
+            return None
+        return torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - p)
+
+    def _attend_first_layer(self, q: Tensor, k: Tensor, v: Tensor, masks: EAMasks, bsz: int) -> Tensor:
+        """Layer 1 of a stack: fairseq's fused attention (scaled_dot_product_attention).
+        q (B*H, Tq, D), pre-scaled; k, v (B*H, Tk, D). Returns out (B*H, Tq, D)."""
+        heads, tgt_len, head_dim = self.num_heads, q.size(1), q.size(2)
+        sdpa_mask: Optional[Tensor] = None
+        if masks.bias is not None:
+            sdpa_mask = masks.bias if masks.blocked is None else masks.bias.masked_fill(masks.blocked, float("-inf"))
+        elif masks.blocked is not None:
+            sdpa_mask = ~masks.blocked  # True = take part
+        dropout = self.dropout_module.p if (self.training or self.dropout_module.apply_during_inference) else 0.0
+        out = F.scaled_dot_product_attention(
+            q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, -1, head_dim),
+            v.view(bsz, heads, -1, head_dim), attn_mask=sdpa_mask, dropout_p=dropout, scale=1.0,
+        )  # (B, H, Tq, D)
+        if masks.empty_rows is not None:
+            out = out.masked_fill(masks.empty_rows, 0.0)  # rows with no key to attend to
+        return out.flatten(0, 1)
+
+    def _build_masks(self, q: Tensor, k: Tensor, inputs: MaskInputs) -> EAMasks:
+        heads = self.num_heads
+        return EAMasks.build(q.size(0) // heads, q.size(1), k.size(1), *inputs)
+
     def _evolve(self, logits: Tensor, prev: Optional[Tensor], zeroed: Optional[Tensor],
-                incremental_state) -> Tensor:
+                incremental_state: IncrementalState, weight: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None) -> Tensor:
         """S_l (B, H, Tq, Tk) -> A_l (same shape, zero at ``zeroed`` cells)."""
         ea = self.ea
         if prev is not None and ea.beta > 0:
-            if prev.shape != logits.shape:
-                raise RuntimeError(
-                    f"evolving attention: previous map {tuple(prev.shape)} does not match "
-                    f"this layer's logits {tuple(logits.shape)}"
-                )
             m = torch.lerp(logits, prev.to(logits.dtype), ea.beta)  # (1-beta) S + beta A_{l-1}
         else:
             m = logits
@@ -315,7 +571,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             self.set_incremental_state(incremental_state, "ea_state", {"rows": window[:, :, -(k - 1):]})
             c = self.ea_conv.forward_window(window)
         else:
-            c = self.ea_conv(m)
+            c = self.ea_conv(m, weight, bias)
         a = torch.lerp(m, c, ea.alpha)  # alpha C + (1-alpha) M
         if zeroed is not None:
             a = a.masked_fill(zeroed, 0.0)
