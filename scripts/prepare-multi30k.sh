@@ -80,7 +80,10 @@ if ! step_done tok; then
       fi
       mv "$TMP/$s.raw.$l.tmp" "$TMP/$s.raw.$l"
     done
-    same_lines "$TMP/$s.raw.$SRC" "$TMP/$s.raw.$TGT"
+    a=$(n_lines "$TMP/$s.raw.$SRC")
+    b=$(n_lines "$TMP/$s.raw.$TGT")
+    [[ "$a" == "$b" ]] || die "line counts differ: $MULTI30K_DIR/${SPLITS[$s]}.$SRC.gz has $a lines," \
+      "$MULTI30K_DIR/${SPLITS[$s]}.$TGT.gz has $b (the sides of a corpus are line-aligned)"
     if [[ "$s" == train ]]; then
       # as the cleaning step of fairseq's recipes: no training pair with an empty side
       textprep --input-name "$MULTI30K_DIR/train.{$SRC,$TGT}.gz" drop-blank "$TMP/train.raw" $SRC $TGT "$TMP/train.nonblank"
