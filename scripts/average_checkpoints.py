@@ -45,8 +45,9 @@ def average(paths: List[str]) -> dict:
         try:
             state = checkpoint_utils.load_checkpoint_to_cpu(path)
         except Exception as e:  # fairseq's message names the file (scripts/fairseq_patches.py)
+            others = [p for p in paths if p != path]
             raise SystemExit(f"cannot average {len(paths)} checkpoints ({', '.join(map(os.path.basename, paths))}): "
-                             f"{e}") from e
+                             f"{e} To average the others only: --inputs {' '.join(others)}") from e
         model = state.get("model") if isinstance(state, dict) else None
         if not isinstance(model, dict):
             raise SystemExit(f"{path}: not a fairseq checkpoint (no 'model' weights in it)")

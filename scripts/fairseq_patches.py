@@ -354,7 +354,7 @@ USABILITY_PATCHES = [
         "    return (\n"
         "        f\"cannot read checkpoint {path} ({size}; {type(error).__name__}: {error}): \"\n"
         "        \"the file is empty or truncated (an interrupted save or copy, a full disk?). \"\n"
-        "        \"Move it aside, then resume from an intact checkpoint with --restore-file \"\n"
+        "        \"Move it aside; to resume training, pass an intact checkpoint to --restore-file \"\n"
         "        + (f\"(in {folder}: {', '.join(others)})\" if others else \"(none other in its folder)\")\n"
         "        + \", or start from scratch without it.\"\n"
         "    )\n\n\n"
