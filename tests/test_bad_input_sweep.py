@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Sequence
 import pytest
 from conftest import BIN
 from helpers import REPO
-from recipe_fixtures import SHARED, edit_gz_line, make_iwslt_tgz, make_multi30k_dir
+from recipe_fixtures import SHARED, edit_gz_line, make_multi30k_dir
 
 SCRIPTS = Path(REPO) / "scripts"
 pytestmark = pytest.mark.skipif(not (SHARED / "multi30k").is_dir(), reason=f"no shared data at {SHARED}")
