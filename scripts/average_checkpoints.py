@@ -42,8 +42,15 @@ def average(paths: List[str]) -> dict:
     total: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
     newest = None
     for path in paths:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-        model = state["model"]
+        try:
+            state = checkpoint_utils.load_checkpoint_to_cpu(path)
+        except Exception as e:  # fairseq's message names the file (scripts/fairseq_patches.py)
+            others = [p for p in paths if p != path]
+            raise SystemExit(f"cannot average {len(paths)} checkpoints ({', '.join(map(os.path.basename, paths))}): "
+                             f"{e} To average the others only: --inputs {' '.join(others)}") from e
+        model = state.get("model") if isinstance(state, dict) else None
+        if not isinstance(model, dict):
+            raise SystemExit(f"{path}: not a fairseq checkpoint (no 'model' weights in it)")
         if total and set(model) != set(total):
             raise SystemExit(f"{path}: its parameters differ from {paths[0]}'s (different model?)")
         for key, value in model.items():

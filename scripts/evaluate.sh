@@ -36,14 +36,24 @@ case "$BENCH" in
 esac
 SUBSET="test"  # the references kept by the prepare recipes are the test set's
 
+require_int NUM_AVG 1
+require_int BEAM 1
+[[ -z "${MAX_TOKENS:-}" ]] || require_int MAX_TOKENS 1
 ea_activate_env
 require_cmd fairseq-generate "run scripts/install.sh"
 DATA_BIN=${DATA_BIN:-$EA_REPO/data-bin/$DATA_DIR}
 SAVE_DIR=${SAVE_DIR:-$EA_REPO/checkpoints/$BENCH/$MODEL}
 [[ -f "$DATA_BIN/PREPARED" ]] || die "$DATA_BIN is not a prepared data folder (run scripts/prepare-*.sh first)"
+if [[ -z "${CHECKPOINT:-}" ]]; then
+  # checked before anything is written: a mistyped SAVE_DIR is not created
+  [[ -d "$SAVE_DIR" ]] || die "SAVE_DIR=$SAVE_DIR: no such folder (train first: bash scripts/train.sh $BENCH; or set SAVE_DIR, or CHECKPOINT=a .pt file)"
+  compgen -G "$SAVE_DIR/checkpoint*.pt" >/dev/null \
+    || die "SAVE_DIR=$SAVE_DIR: no checkpoint*.pt in it (train first: bash scripts/train.sh $BENCH)"
+fi
 SRC=$(sed -n 's/^source=//p' "$DATA_BIN/PREPARED")
 TGT=$(sed -n 's/^target=//p' "$DATA_BIN/PREPARED")
 BPE_KIND=$(sed -n 's/^bpe=//p' "$DATA_BIN/PREPARED")
+REF_DESC=$(sed -n 's/^reference=//p' "$DATA_BIN/PREPARED")
 for f in "$DATA_BIN/test.tok.$TGT" "$DATA_BIN/test.raw.$TGT"; do
   require_file "$f" "made by the prepare recipe"
 done
@@ -65,7 +75,8 @@ elif ((NUM_AVG > 1)); then
     die "$SAVE_DIR: fewer than NUM_AVG=$NUM_AVG epoch or update checkpoints ($n_epoch, $n_update); set NUM_AVG=1"
   fi
   CKPT=$OUT/checkpoint.avg$NUM_AVG.pt
-  "$PYTHON" "$EA_REPO/scripts/average_checkpoints.py" --inputs "$SAVE_DIR" "${KIND[@]}" --output "$CKPT"
+  "$PYTHON" "$EA_REPO/scripts/average_checkpoints.py" --inputs "$SAVE_DIR" "${KIND[@]}" --output "$CKPT" \
+    || die "could not average the last $NUM_AVG checkpoints of $SAVE_DIR (see above)"
 else
   CKPT=$SAVE_DIR/checkpoint_best.pt
   [[ -f "$CKPT" ]] || CKPT=$SAVE_DIR/checkpoint_last.pt
@@ -91,6 +102,7 @@ grep -E "^Generate .* BLEU" "$GEN" >&2 || true
 META=$("$PYTHON" -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
   benchmark "$BENCH" model "$MODEL" checkpoint "$CKPT" subset "$SUBSET" beam "$BEAM" lenpen "$LENPEN")
 "$PYTHON" "$EA_REPO/scripts/lib/score.py" --gen "$GEN" --ref-tok "$DATA_BIN/test.tok.$TGT" \
-  --ref-raw "$DATA_BIN/test.raw.$TGT" --lang "$TGT" "${COMPOUND[@]}" --json "$OUT/$SUBSET.json" \
+  --ref-raw "$DATA_BIN/test.raw.$TGT" --ref-desc "${REF_DESC:-test.raw.$TGT}" --lang "$TGT" "${COMPOUND[@]}" \
+  --json "$OUT/$SUBSET.json" \
   --detok-out "$OUT/$SUBSET.detok.$TGT" --meta "$META"
 log "results: $OUT/$SUBSET.json"

@@ -252,6 +252,116 @@ PATCHES = [
     ),
 ]
 
+# --- broken corners users meet (generation options, error messages) ---------------
+# Applied after PATCHES (some edit lines PATCHES has already changed).
+USABILITY_PATCHES = [
+    # --no-repeat-ngram-size: the sdist lacks the C++/CUDA sources of
+    # ngram_repeat_block_cuda, so the Python fallback is the only path, on CPU and
+    # GPU. SequenceGenerator hands it the whole token buffer (bsz*beam, max_len + 2),
+    # padded after `step`, and the fallback takes "the last n-1 tokens" of that
+    # buffer: padding, which never matches, so nothing was ever banned (fairseq
+    # issues #4709, #5206). Use the n-1 tokens that end at `step`, as the CUDA
+    # kernel does. The start symbol (position 0) is never banned: with n=1 it would
+    # forbid EOS and leave no token at the forced end of a hypothesis.
+    Patch(
+        "fairseq/ngram_repeat_block.py",
+        "--no-repeat-ngram-size: compare the n-gram that ends at `step`, not the buffer's padded tail",
+        "            check_start_pos = step + 2 - self.no_repeat_ngram_size\n"
+        "            for bbsz_idx in range(bsz * beam_size):\n"
+        "                ngram_to_check = cpu_tokens[bbsz_idx][\n"
+        "                    -(self.no_repeat_ngram_size - 1) :\n"
+        "                ]\n"
+        "                for i in range(check_start_pos):\n",
+        "            check_start_pos = step + 2 - self.no_repeat_ngram_size\n"
+        "            for bbsz_idx in range(bsz * beam_size):\n"
+        "                # ea-fairseq patch: the n-1 tokens ending at `step` (tokens is\n"
+        "                # the whole buffer, padded after step); position 0 is the start\n"
+        "                # symbol, never banned (n=1 would ban EOS)\n"
+        "                ngram_to_check = cpu_tokens[bbsz_idx][check_start_pos : step + 1]\n"
+        "                for i in range(1 if self.no_repeat_ngram_size == 1 else 0, check_start_pos):\n",
+    ),
+    # fairseq-interactive --print-alignment soft: the soft alignment is one list of
+    # source probabilities per target token, not (src, tgt) pairs; print it the way
+    # fairseq-generate does.
+    Patch(
+        "fairseq_cli/interactive.py",
+        "--print-alignment soft: print rows of probabilities as fairseq-generate does",
+        "                if cfg.generation.print_alignment:\n"
+        "                    alignment_str = \" \".join(\n"
+        "                        [\"{}-{}\".format(src, tgt) for src, tgt in alignment]\n"
+        "                    )\n",
+        "                if cfg.generation.print_alignment == \"soft\":\n"
+        "                    # ea-fairseq patch: one comma-separated row per target token\n"
+        "                    alignment_str = \" \".join(\n"
+        "                        [\",\".join(src_probs) for src_probs in alignment]\n"
+        "                    )\n"
+        "                    print(\"A-{}\\t{}\".format(id_, alignment_str))\n"
+        "                elif cfg.generation.print_alignment:\n"
+        "                    alignment_str = \" \".join(\n"
+        "                        [\"{}-{}\".format(src, tgt) for src, tgt in alignment]\n"
+        "                    )\n",
+    ),
+    # An unknown model (a plugin's checkpoint loaded without its --user-dir) hit an
+    # f-string whose config text was then run through str.format: "IndexError:
+    # Replacement index 1 out of range". Say what is missing instead.
+    Patch(
+        "fairseq/models/__init__.py",
+        "unknown model: a message naming it and --user-dir, not a format-string IndexError",
+        "    assert model is not None, (\n"
+        "        f\"Could not infer model type from {cfg}. \"\n"
+        "        \"Available models: {}\".format(MODEL_DATACLASS_REGISTRY.keys())\n"
+        "        + f\" Requested model type: {model_type}\"\n"
+        "    )\n",
+        "    if model is None:  # ea-fairseq patch: a message instead of a format-string IndexError\n"
+        "        raise ValueError(\n"
+        "            f\"unknown model {model_type!r}: no model or architecture of that name is \"\n"
+        "            \"registered. If it comes from a plugin, add the plugin's --user-dir \"\n"
+        "            \"(ea-fairseq's ea_transformer*: --user-dir ea_fairseq, or the path of the \"\n"
+        "            \"installed ea_fairseq package).\"\n"
+        "        )\n",
+    ),
+    # An empty or truncated checkpoint (a full disk, an interrupted copy) stopped
+    # training with "EOFError: Ran out of input", naming no file. Name it, its size,
+    # and the checkpoints beside it to resume from instead.
+    Patch(
+        "fairseq/checkpoint_utils.py",
+        "unreadable checkpoint: name the file and the remedy",
+        "    with open(local_path, \"rb\") as f:\n"
+        "        state = torch.load(f, map_location=torch.device(\"cpu\"), **_EA_TORCH_LOAD_KW)\n",
+        "    try:  # ea-fairseq patch: name an unreadable checkpoint and the remedy\n"
+        "        with open(local_path, \"rb\") as f:\n"
+        "            state = torch.load(f, map_location=torch.device(\"cpu\"), **_EA_TORCH_LOAD_KW)\n"
+        "    except (EOFError, RuntimeError, ValueError, OSError, __import__(\"pickle\").UnpicklingError) as e:\n"
+        "        if isinstance(e, FileNotFoundError):\n"
+        "            raise\n"
+        "        raise RuntimeError(_ea_unreadable_checkpoint(str(path), local_path, e)) from e\n",
+    ),
+    Patch(
+        "fairseq/checkpoint_utils.py",
+        "the message builder for the patch above",
+        "def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):\n",
+        "def _ea_unreadable_checkpoint(path, local_path, error):\n"
+        "    \"\"\"ea-fairseq patch: what to tell a user whose checkpoint cannot be read.\"\"\"\n"
+        "    try:\n"
+        "        size = f\"{os.path.getsize(local_path)} bytes\"\n"
+        "    except OSError:\n"
+        "        size = \"size unknown\"\n"
+        "    folder = os.path.dirname(os.path.abspath(local_path))\n"
+        "    others = sorted(\n"
+        "        n for n in os.listdir(folder)\n"
+        "        if n.endswith(\".pt\") and n != os.path.basename(local_path)\n"
+        "    ) if os.path.isdir(folder) else []\n"
+        "    return (\n"
+        "        f\"cannot read checkpoint {path} ({size}; {type(error).__name__}: {error}): \"\n"
+        "        \"the file is empty or truncated (an interrupted save or copy, a full disk?). \"\n"
+        "        \"Move it aside; to resume training, pass an intact checkpoint to --restore-file \"\n"
+        "        + (f\"(in {folder}: {', '.join(others)})\" if others else \"(none other in its folder)\")\n"
+        "        + \", or start from scratch without it.\"\n"
+        "    )\n\n\n"
+        "def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):\n",
+    ),
+]
+
 # `name: SomeConfig = SomeConfig()` and `field(default=SomeConfig())`: Python 3.11
 # refuses unhashable (non-frozen dataclass) defaults; default_factory works on
 # every Python version.
@@ -296,7 +406,7 @@ def apply(root: Path) -> None:
     found = version_file.read_text().strip()
     if found != UPSTREAM_VERSION:
         raise SystemExit(f"{version_file}: expected fairseq {UPSTREAM_VERSION}, found {found!r}")
-    for p in PATCHES:
+    for p in PATCHES + USABILITY_PATCHES:
         path = root / p.path
         text = path.read_text(encoding="utf-8")
         n = text.count(p.old)
@@ -310,7 +420,7 @@ def apply(root: Path) -> None:
     if n_dc == 0:
         raise SystemExit(f"{root}: found no dataclass defaults to patch")
     version_file.write_text(patched_version() + "\n")
-    print(f"patched fairseq {UPSTREAM_VERSION}: {len(PATCHES)} text patches, "
+    print(f"patched fairseq {UPSTREAM_VERSION}: {len(PATCHES) + len(USABILITY_PATCHES)} text patches, "
           f"dataclass defaults in {n_dc} files; version {patched_version()}")
 
 

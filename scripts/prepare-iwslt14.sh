@@ -5,7 +5,9 @@
 #          tags -> Moses tokenisation -> clean (1..175 tokens, ratio 1.5) -> lowercase;
 #          valid = every 23rd line of it, train = the rest;
 #   test:  dev2010 + TEDX dev2012 + tst2010 + tst2011 + tst2012 (<seg> texts, ’ -> ',
-#          tokenised, lowercased), concatenated in that order;
+#          tokenised, lowercased), concatenated in that order; the sacreBLEU
+#          reference (test.raw.en) is the released <seg> texts, XML entities
+#          decoded, lowercased (nothing else changed);
 #   joint BPE, 10k merges (subword-nmt; BPE=sentencepiece for SentencePiece).
 # Output: data-bin/iwslt14.tokenized.de-en (binarised, joined dictionary, plus the BPE
 # model and the raw/tokenised test references used by scripts/evaluate.sh).
@@ -33,6 +35,8 @@ TGT=en
 LANG_PAIR=de-en
 IWSLT14_URL=${IWSLT14_URL:-http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz}
 CACHE=${CACHE:-$EA_REPO/work/downloads}
+# a file the user names is their own copy: read, never downloaded to
+LOCAL_TGZ=${IWSLT14_TGZ:+1}
 IWSLT14_TGZ=${IWSLT14_TGZ:-$CACHE/de-en.tgz}
 WORK=${WORK:-$EA_REPO/work/iwslt14.tokenized.de-en}
 DEST=${DEST:-$EA_REPO/data-bin/iwslt14.tokenized.de-en}
@@ -41,6 +45,18 @@ BPE_TOKENS=${BPE_TOKENS:-10000}
 WORKERS=${WORKERS:-$(nproc)}
 TMP=$WORK/tmp
 MARKERS=$WORK/.done
+require_int BPE_TOKENS 1
+SACREBLEU_REF="test.raw.$TGT: the <seg> texts of the five XML files as released (XML entities decoded), lowercased (the data are lowercased)"
+TEST_SETS=(IWSLT14.TED.dev2010 IWSLT14.TEDX.dev2012 IWSLT14.TED.tst2010 IWSLT14.TED.tst2011 IWSLT14.TED.tst2012)
+if [[ -n "${IWSLT14_DIR:-}" ]]; then
+  INPUTS=()
+  for l in $SRC $TGT; do
+    INPUTS+=("$IWSLT14_DIR/$LANG_PAIR/train.tags.$LANG_PAIR.$l")
+    for t in "${TEST_SETS[@]}"; do INPUTS+=("$IWSLT14_DIR/$LANG_PAIR/$t.$LANG_PAIR.$l.xml"); done
+  done
+else
+  INPUTS=("$IWSLT14_TGZ")
+fi
 
 recipe_start
 
@@ -50,7 +66,10 @@ if [[ -n "${IWSLT14_DIR:-}" ]]; then
 else
   ORIG=$WORK/orig
   if ! step_done unpack; then
+    [[ -z "$LOCAL_TGZ" || -s "$IWSLT14_TGZ" ]] \
+      || die "IWSLT14_TGZ=$IWSLT14_TGZ: no such file (leave IWSLT14_TGZ unset to download it to $CACHE)"
     fetch "$IWSLT14_URL" "$IWSLT14_TGZ"
+    record_inputs
     rm -rf "$ORIG"
     mkdir -p "$ORIG"
     tar -xzf "$IWSLT14_TGZ" -C "$ORIG" || die "could not unpack $IWSLT14_TGZ"
@@ -61,7 +80,6 @@ for l in $SRC $TGT; do
   require_file "$ORIG/$LANG_PAIR/train.tags.$LANG_PAIR.$l" "IWSLT14 training file"
 done
 same_lines "$ORIG/$LANG_PAIR/train.tags.$LANG_PAIR.$SRC" "$ORIG/$LANG_PAIR/train.tags.$LANG_PAIR.$TGT"
-TEST_SETS=(IWSLT14.TED.dev2010 IWSLT14.TEDX.dev2012 IWSLT14.TED.tst2010 IWSLT14.TED.tst2011 IWSLT14.TED.tst2012)
 for t in "${TEST_SETS[@]}"; do
   for l in $SRC $TGT; do
     require_file "$ORIG/$LANG_PAIR/$t.$LANG_PAIR.$l.xml" "IWSLT14 test file"
@@ -72,7 +90,7 @@ done
 if ! step_done train-tok; then
   for l in $SRC $TGT; do
     log "tokenising train.tags.$LANG_PAIR.$l"
-    textprep iwslt-train <"$ORIG/$LANG_PAIR/train.tags.$LANG_PAIR.$l" \
+    textprep_in "$ORIG/$LANG_PAIR/train.tags.$LANG_PAIR.$l" iwslt-train \
       | textprep tokenize -l "$l" --workers "$WORKERS" >"$TMP/train.tags.$LANG_PAIR.tok.$l.tmp"
     mv "$TMP/train.tags.$LANG_PAIR.tok.$l.tmp" "$TMP/train.tags.$LANG_PAIR.tok.$l"
   done
@@ -94,10 +112,14 @@ if ! step_done test-tok; then
   for t in "${TEST_SETS[@]}"; do
     for l in $SRC $TGT; do
       xml="$ORIG/$LANG_PAIR/$t.$LANG_PAIR.$l.xml"
-      textprep segs <"$xml" >"$TMP/$t.raw.$l"
-      textprep tokenize -l "$l" --lowercase --workers "$WORKERS" <"$TMP/$t.raw.$l" >"$TMP/$t.$l"
+      textprep_in "$xml" segs >"$TMP/$t.seg.$l"
+      # the sacreBLEU reference: the segments as released
+      textprep_in "$xml" ref-segs >"$TMP/$t.raw.$l"
+      textprep --input-name "$xml" blank-lines --what "test set" "$TMP/$t.raw.$l"
+      textprep tokenize -l "$l" --lowercase --workers "$WORKERS" <"$TMP/$t.seg.$l" >"$TMP/$t.$l"
     done
     same_lines "$TMP/$t.$SRC" "$TMP/$t.$TGT"
+    same_lines "$TMP/$t.raw.$SRC" "$TMP/$t.$SRC"
   done
   mark_done test-tok
 fi

@@ -6,7 +6,8 @@
 #          joint BPE; pairs cleaned after BPE (1..250 tokens, ratio 1.5);
 #   valid: newstest2013 (dev.tgz), tokenised like the test set, not cleaned;
 #   test:  newstest2014, full version (test-full.tgz, SGML), <seg> texts with
-#          ’ -> ', tokenised (-a), not cleaned.
+#          ’ -> ', tokenised (-a), not cleaned; the sacreBLEU reference
+#          (test.raw.<tgt>) is the reference's segments as released, unchanged.
 # Corpora (fairseq's lists):
 #   en-de: Europarl v7, Common Crawl, News Commentary v9 (WMT14's; fairseq's --icml17)
 #   en-fr: Europarl v7, Common Crawl, UN (undoc.2000), News Commentary v9, Giga-FrEn
@@ -69,6 +70,10 @@ WORKERS=${WORKERS:-$(nproc)}
 ORIG=$WORK/orig
 TMP=$WORK/tmp
 MARKERS=$WORK/.done
+require_int BPE_TOKENS 1
+SACREBLEU_REF="test.raw.$TGT: newstest2014 (full) $TEST_PREFIX-ref.$TGT.sgm, the segments as released (as sacrebleu -t wmt14/full reads them)"
+INPUTS=()
+for url in "${ARCHIVES[@]}"; do INPUTS+=("$CACHE/$(basename "$url")"); done
 
 recipe_start
 
@@ -79,6 +84,7 @@ if ! step_done unpack; then
   for url in "${ARCHIVES[@]}"; do
     archive="$CACHE/$(basename "$url")"
     fetch "$url" "$archive"
+    record_inputs
     log "unpacking $archive"
     tar -xf "$archive" -C "$ORIG" || die "could not unpack $archive"
   done
@@ -105,7 +111,7 @@ if ! step_done train-tok; then
     : >"$out.tmp"
     for c in "${CORPORA[@]}"; do
       log "normalising and tokenising $c.$l"
-      textprep normalize -l "$l" --workers "$WORKERS" <"$ORIG/$c.$l" \
+      textprep_in "$ORIG/$c.$l" normalize -l "$l" --workers "$WORKERS" \
         | textprep tokenize -l "$l" -a --workers "$WORKERS" >>"$out.tmp"
     done
     mv "$out.tmp" "$out"
@@ -117,12 +123,18 @@ fi
 # 3. valid (newstest2013) and test (newstest2014) -------------------------------------------
 if ! step_done test-tok; then
   for l in $SRC $TGT; do
-    textprep tokenize -l "$l" -a --workers "$WORKERS" <"$ORIG/dev/newstest2013.$l" >"$TMP/valid.$l"
+    textprep_in "$ORIG/dev/newstest2013.$l" tokenize -l "$l" -a --workers "$WORKERS" >"$TMP/valid.$l"
+    textprep blank-lines --what "valid set" "$TMP/valid.$l"
   done
-  textprep segs <"$TEST_SRC" >"$TMP/test.raw.$SRC"
-  textprep segs <"$TEST_REF" >"$TMP/test.raw.$TGT"
+  # model input and tokenised reference: fairseq's convention (’ -> ');
+  # sacreBLEU reference: the segments as released
+  textprep_in "$TEST_SRC" segs >"$TMP/test.seg.$SRC"
+  textprep_in "$TEST_REF" segs >"$TMP/test.seg.$TGT"
+  textprep_in "$TEST_SRC" ref-segs >"$TMP/test.raw.$SRC"
+  textprep_in "$TEST_REF" ref-segs >"$TMP/test.raw.$TGT"
   for l in $SRC $TGT; do
-    textprep tokenize -l "$l" -a --workers "$WORKERS" <"$TMP/test.raw.$l" >"$TMP/test.$l"
+    textprep tokenize -l "$l" -a --workers "$WORKERS" <"$TMP/test.seg.$l" >"$TMP/test.$l"
+    textprep blank-lines --what "test set" "$TMP/test.raw.$l"
   done
   for s in valid test test.raw; do
     same_lines "$TMP/$s.$SRC" "$TMP/$s.$TGT"

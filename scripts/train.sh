@@ -73,6 +73,10 @@ case "$BENCH" in
   *) die "usage: train.sh iwslt14|wmt14_en_de|wmt14_en_fr|multi30k (got '$BENCH')" ;;
 esac
 
+for v in MAX_TOKENS MAX_UPDATE WARMUP; do require_int "$v" 1; done
+[[ -z "${UPDATE_FREQ:-}" ]] || require_int UPDATE_FREQ 1
+[[ -z "${MAX_EPOCH:-}" ]] || require_int MAX_EPOCH 1
+[[ -z "${NPROC:-}" ]] || require_int NPROC 1
 DATA_BIN=${DATA_BIN:-$EA_REPO/data-bin/$DATA_DIR}
 [[ -f "$DATA_BIN/PREPARED" ]] || die "$DATA_BIN is not a prepared data folder (run scripts/prepare-*.sh first)"
 if [[ "$MODEL" == ea ]]; then ARCH=${ARCH:-ea_$BASE_ARCH}; else ARCH=${ARCH:-$BASE_ARCH}; fi

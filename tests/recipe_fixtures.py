@@ -134,3 +134,25 @@ def make_wmt_cache(cache: Path, pair: str) -> Path:
         for name in sgm:
             _add(tar, f"test-full/{name}", (SHARED / "wmt14" / "newstest2014_sgm" / name).read_bytes())
     return cache
+
+
+MULTI30K_FILES = [f"{split}.{lang}.gz" for split in ("train", "val", "test_2016_flickr") for lang in ("de", "en")]
+
+
+def make_multi30k_dir(dest: Path, n_train: int = 300, n_eval: int = 60) -> Path:
+    """A local Multi30k copy in the release's format ({train,val,test_2016_flickr}.{de,en}.gz,
+    UTF-8, one caption per line), cut to the first lines of the real files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MULTI30K_FILES:
+        n = n_train if name.startswith("train") else n_eval
+        with gzip.open(SHARED / "multi30k" / name, "rb") as f:
+            data = b"".join(line for _, line in zip(range(n), f))
+        (dest / name).write_bytes(gzip.compress(data))
+    return dest
+
+
+def edit_gz_line(path: Path, lineno: int, new: bytes) -> None:
+    """Replace line `lineno` (1-based) of a gzipped text file by the bytes `new`."""
+    lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    lines[lineno - 1] = new
+    path.write_bytes(gzip.compress(b"\n".join(lines)))

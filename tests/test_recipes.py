@@ -5,6 +5,7 @@ evaluation, and the quickstart."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,11 @@ def test_iwslt_prepares_a_complete_data_bin(iwslt):
     assert len(lines(work / "valid.de")) == n_clean // 23
     assert len(lines(work / "train.de")) == n_clean - n_clean // 23
     assert len(lines(work / "test.de")) == 6750
+    # the sacreBLEU reference: the released segments, XML entities decoded, lowercased
+    ref = (dest / "test.raw.en").read_text(encoding="utf-8")
+    assert "r&d" in ref and "&amp;" not in ref  # (tokenised: fairseq's "r &amp; amp ; d", kept)
+    assert "r &amp; amp ; d" in (work / "test.tok.en").read_text(encoding="utf-8")
+    assert "reference=test.raw.en: the <seg> texts" in (dest / "PREPARED").read_text()
     # the tag lines are gone, their titles and descriptions stay (as fairseq's sed)
     train = "\n".join(lines(work / "tmp" / "train.tags.de-en.en"))
     assert "url" not in train and "talkid" not in train and "&lt;" not in train
@@ -195,7 +201,7 @@ def _assert_failed(proc, *words, dest):
 
 def test_missing_download_offline_names_the_file(tmp_path):
     missing = tmp_path / "nowhere" / "de-en.tgz"
-    proc = bash("prepare-iwslt14.sh", expect_ok=False, IWSLT14_TGZ=missing, OFFLINE=1, WORK=tmp_path / "w",
+    proc = bash("prepare-iwslt14.sh", expect_ok=False, CACHE=missing.parent, OFFLINE=1, WORK=tmp_path / "w",
                 DEST=tmp_path / "bin")
     _assert_failed(proc, str(missing), "OFFLINE=1", dest=tmp_path / "bin")
 
@@ -273,6 +279,12 @@ def test_train_and_evaluate_wmt_en_de_recipe(wmt_en_de, tmp_path):
     assert result["tokenized_bleu_compound_split"] is True and result["beam"] == "4" and result["lenpen"] == "0.6"
     assert result["sentences"] == 3003
     assert "compound-split" in proc.stdout
+    # sacreBLEU scored against newstest2014's reference as released, and says so
+    sgm = (SHARED / "wmt14" / "newstest2014_sgm" / "newstest2014-deen-ref.de.sgm").read_text(encoding="utf-8")
+    released = re.findall(r"^<seg [^>]*>(.*)</seg>", sgm, re.M)
+    assert lines(data / "test.raw.de") == released
+    assert result["sacrebleu_reference"].startswith("test.raw.de: newstest2014 (full)")
+    assert "as released" in result["sacrebleu_reference"]
 
 
 # ------------------------------------------------------------------------------ quickstart

@@ -52,10 +52,35 @@ PY
 # textprep SUBCOMMAND ARGS...: the recipes' text steps (scripts/lib/textprep.py)
 textprep() { "$PYTHON" "$EA_REPO/scripts/lib/textprep.py" "$@"; }
 
+# textprep_in FILE SUBCOMMAND ARGS...: a textprep filter reading FILE, whose
+# messages (invalid UTF-8 at line N) name FILE
+textprep_in() {
+  local f=$1
+  shift
+  # shellcheck disable=SC2094  # FILE is only read
+  textprep --input-name "$f" "$@" <"$f"
+}
+
 n_lines() { wc -l <"$1" | tr -d ' '; }
 
 # require_file PATH [HINT]
 require_file() { [[ -s "$1" ]] || die "missing or empty file: $1${2:+ ($2)}"; }
+
+# require_int NAME MIN: the variable NAME holds a whole number >= MIN (bash would
+# otherwise read "abc" as a variable name in arithmetic, and -5 as a number).
+require_int() {
+  local name=$1 min=$2 value=${!1-}
+  if [[ ! "$value" =~ ^[0-9]+$ ]] || ((10#$value < min)); then
+    die "$name=$value: expected a whole number >= $min"
+  fi
+}
+
+# warn_blank WHAT FILE...: count whitespace-only lines (kept: test sets stay aligned).
+warn_blank() {
+  local what=$1
+  shift
+  textprep blank-lines --what "$what" "$@"
+}
 
 # same_lines A B: both files exist and have the same number of lines.
 same_lines() {
@@ -103,28 +128,61 @@ require_python_module() {
 # are recorded with the step markers and in $DEST/PREPARED: finished steps are reused
 # only under the same settings, and a $DEST made with others is not taken as done.
 # Exits 0 when $DEST is complete for these settings and FORCE is not set.
+# The recipe's input files (INPUTS, an array set by the recipe: archives, corpora)
+# are part of the fingerprint too: their paths, sizes and modification times are
+# recorded ($MARKERS/inputs.json, then $DEST/INPUTS.json), and other inputs (another
+# MULTI30K_DIR, an edited file) redo every step. Leftovers of interrupted
+# binarisations ($DEST.tmp.<pid> of a process that is gone) are removed first.
 # shellcheck disable=SC2153  # DEST, MARKERS and TMP are the calling recipe's variables
 recipe_start() {
   ea_activate_env
   recipe_tools
+  remove_stale_tmp "$DEST"
   SETTINGS="bpe=$BPE bpe_tokens=$BPE_TOKENS${RECIPE_SETTINGS:+ $RECIPE_SETTINGS}"
+  local why
   if [[ "${FORCE:-0}" == 1 ]]; then
     rm -rf "$MARKERS"
   elif [[ -f "$DEST/PREPARED" ]]; then
     local have
     have=$(sed -n 's/^settings=//p' "$DEST/PREPARED")
-    if [[ "$have" == "$SETTINGS" ]]; then
-      log "$DEST is already prepared (FORCE=1 to redo)"
-      exit 0
+    [[ "$have" == "$SETTINGS" ]] \
+      || die "$DEST was prepared with '$have', not '$SETTINGS': set FORCE=1 to redo it, or another DEST"
+    if why=$(textprep inputs-changed "$DEST/INPUTS.json" "${INPUTS[@]}"); then
+      die "$DEST was prepared from other inputs ($why): set FORCE=1 to redo it, or another DEST"
     fi
-    die "$DEST was prepared with '$have', not '$SETTINGS': set FORCE=1 to redo it, or another DEST"
+    log "$DEST is already prepared (FORCE=1 to redo)"
+    exit 0
   fi
   if [[ -f "$MARKERS/settings" && "$(cat "$MARKERS/settings")" != "$SETTINGS" ]]; then
     log "settings changed since the last run ($(cat "$MARKERS/settings") -> $SETTINGS): starting over"
     rm -rf "$MARKERS"
   fi
+  if why=$(textprep inputs-changed "$MARKERS/inputs.json" "${INPUTS[@]}"); then
+    log "inputs changed since the last run ($why): starting over"
+    rm -rf "$MARKERS"
+  fi
   mkdir -p "$TMP" "$MARKERS"
   printf '%s\n' "$SETTINGS" >"$MARKERS/settings"
+  record_inputs
+}
+
+# record_inputs: (again) after downloads, so that the fingerprint has their sizes.
+record_inputs() { textprep inputs-record "$MARKERS/inputs.json" "${INPUTS[@]}"; }
+
+# remove_stale_tmp DEST: remove DEST.tmp.<pid> folders whose process is gone (a
+# binarisation killed before it could clean up); a running one is left alone.
+remove_stale_tmp() {
+  local d pid
+  for d in "$1".tmp.*; do
+    [[ -d "$d" ]] || continue
+    pid=${d##*.tmp.}
+    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+      log "leaving $d alone: process $pid is still running"
+      continue
+    fi
+    log "removing $d, left by an interrupted run"
+    rm -rf "$d"
+  done
 }
 
 # recipe_tools: what every data recipe needs, checked before any work starts.
@@ -191,6 +249,10 @@ binarize() {
   local tmp="$dest.tmp.$$"
   rm -rf "$tmp"
   mkdir -p "$(dirname "$dest")"
+  # an interrupt (Ctrl-C, kill) removes the half-written folder; SIGKILL cannot be
+  # caught: the next run removes what it leaves (remove_stale_tmp)
+  # shellcheck disable=SC2064  # expand $tmp now
+  trap "rm -rf '$tmp'; exit 130" INT TERM HUP
   fairseq-preprocess --source-lang "$src" --target-lang "$tgt" \
     --trainpref "$text/train" --validpref "$text/valid" --testpref "$text/test" \
     --destdir "$tmp" --joined-dictionary --workers "$WORKERS" "$@" >&2 \
@@ -200,9 +262,12 @@ binarize() {
   for f in "$text"/bpe.* "$text"/test.raw.* "$text"/test.tok.*; do
     [[ -e "$f" ]] && cp "$f" "$tmp/"
   done
-  printf 'bpe=%s\nbpe_tokens=%s\nsource=%s\ntarget=%s\nsettings=%s\ncreated=%s\n' "$BPE" "$BPE_TOKENS" \
-    "$src" "$tgt" "$SETTINGS" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$tmp/PREPARED"
+  [[ ! -f "$MARKERS/inputs.json" ]] || cp "$MARKERS/inputs.json" "$tmp/INPUTS.json"
+  printf 'bpe=%s\nbpe_tokens=%s\nsource=%s\ntarget=%s\nsettings=%s\nreference=%s\ncreated=%s\n' "$BPE" \
+    "$BPE_TOKENS" "$src" "$tgt" "$SETTINGS" "${SACREBLEU_REF:-test.raw.$tgt}" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    >"$tmp/PREPARED"
   rm -rf "$dest"
   mv "$tmp" "$dest"
+  trap - INT TERM HUP
   log "wrote $dest"
 }

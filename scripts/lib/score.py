@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compound-split", action="store_true", help="En-De compound splitting for tokenised BLEU")
     ap.add_argument("--json", type=Path, required=True, help="write the scores here")
     ap.add_argument("--detok-out", type=Path, help="also write the detokenised hypotheses here")
+    ap.add_argument("--ref-desc", default="", help="what the untokenised reference is (recorded in the JSON)")
     ap.add_argument("--meta", default="{}", help="JSON object merged into the output (model, checkpoint, ...)")
     args = ap.parse_args(argv)
 
@@ -98,6 +99,8 @@ def main(argv=None) -> None:
         "tokenized_bleu_compound_split": bool(args.compound_split),
         "sacrebleu": round(sacre.score, 2),
         "sacrebleu_signature": str(bleu.get_signature()),
+        "sacrebleu_reference": args.ref_desc or str(args.ref_raw),
+        "sacrebleu_reference_file": str(args.ref_raw),
         "generate_output": str(args.gen),
     }
     tmp = args.json.with_suffix(args.json.suffix + ".tmp")
