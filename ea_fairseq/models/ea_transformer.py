@@ -5,6 +5,7 @@ Transformer architecture (``ea_`` + its name): each is fairseq's own function pl
 the ``--ea-*`` defaults.
 """
 
+from dataclasses import fields
 from typing import Dict, List, Optional
 
 import torch
@@ -32,6 +33,16 @@ def _wrap_layer(layer, cfg):
         layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
     min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
     return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
+
+
+def _show_ea_defaults_in_help(parser) -> None:
+    """Append "(default: ...)" to the --help text of the non-boolean --ea-* options
+    (their parser defaults are deleted: the architecture fills them in)."""
+    defaults = {f.name: f.default for f in fields(EvolvingAttentionConfig)
+                if not f.name.startswith("_") and not isinstance(f.default, bool)}
+    for action in parser._actions:
+        if action.dest in defaults and action.help and "(default" not in action.help:
+            action.help += f" (default: {defaults[action.dest]})"
 
 
 class EATransformerEncoder(TransformerEncoderBase):
@@ -229,6 +240,7 @@ class EATransformerModel(TransformerModel):
         super().add_args(parser)
         # defaults come from the architecture (ea_base_architecture), as for fairseq's flags
         gen_parser_from_dataclass(parser, EvolvingAttentionConfig(), delete_default=True)
+        _show_ea_defaults_in_help(parser)
 
     @classmethod
     def build_model(cls, args, task):
