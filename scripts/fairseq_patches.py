@@ -252,6 +252,24 @@ PATCHES = [
         "                    ).masked_fill_(key_padding_mask.to(torch.bool), float(\"-inf\"))\n"
         "                return F.multi_head_attention_forward(\n",
     ),
+    # --- checkpoint loading errors say why --------------------------------------
+    # Trainer.load_checkpoint replaces any error of model.load_state_dict (a missing
+    # key, a size mismatch, a model's own check) by "please ensure that the
+    # architectures match", leaving the reason in the middle of a chained traceback.
+    Patch(
+        "fairseq/trainer.py",
+        "keep the reason in the error of a failed checkpoint load",
+        "            except Exception:\n"
+        "                raise Exception(\n"
+        "                    \"Cannot load model parameters from checkpoint {}; \"\n"
+        "                    \"please ensure that the architectures match.\".format(filename)\n"
+        "                )\n",
+        "            except Exception as e:\n"
+        "                raise Exception(\n"
+        "                    \"Cannot load model parameters from checkpoint {}; \"\n"
+        "                    \"please ensure that the architectures match: {}\".format(filename, e)\n"
+        "                ) from e\n",
+    ),
     # --- numpy 2 --------------------------------------------------------------
     Patch(
         "fairseq/data/data_utils.py",
