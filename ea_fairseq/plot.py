@@ -337,6 +337,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         src, ref = item["source"], item["target"]
     else:
         src = src_dict.encode_line(args.sentence, add_if_not_exist=False, append_eos=True).long()
+        unknown = [w for w, i in zip(args.sentence.split(), src.tolist()) if i == src_dict.unk()]
+        if unknown:
+            print(f"ea_fairseq.plot: warning: --sentence: {len(unknown)} token(s) not in the dictionary, drawn "
+                  f"as {src_dict.unk_word}: {' '.join(unknown[:10])} (give the sentence as in the data-bin: "
+                  "tokenised, lowercased, BPE'd)", file=sys.stderr)
     if args.target == "hyp":
         tgt = _beam_hypothesis(model, task, src, args.beam)
     elif args.target == "ref":

@@ -64,6 +64,11 @@ def test_cli_errors_name_the_problem(checkpoints, tmp_path):
                 "-o", tmp_path / "x.png")
     assert proc.returncode == 2 and "no evolving-attention convolutions" in proc.stderr
     assert not (tmp_path / "k.png").exists()
+    proc = _cli(bin_dir, "--path", ckpt["ea"], "--sentence", "a b zzz c", "--target", "c b a",
+                "--stacks", "encoder", "-o", tmp_path / "s.png")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 token(s) not in the dictionary, drawn as <unk>: zzz" in proc.stderr
+    assert "wrote" in proc.stdout and "encoder 2 layers x 4 heads" in proc.stdout
 
 
 def _load(path, bin_dir):
