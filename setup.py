@@ -37,6 +37,8 @@ install_requires = [
     # training logs (--tensorboard-logdir)
     "tensorboard==2.21.0",
     "tensorboardX==2.6.5",
+    # attention-map pictures (python -m ea_fairseq.plot)
+    "matplotlib==3.11.2",
 ]
 
 setup(

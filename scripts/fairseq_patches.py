@@ -168,6 +168,108 @@ PATCHES = [
         "pin_memory=torch.cuda.is_available(),",
         count=2,
     ),
+    # --- --help lists the model's (and task's, criterion's...) options -----------
+    # parse_args_and_arch parses the command line once to learn --arch/--task/...,
+    # then adds their options and parses again; with -h/--help argparse prints the
+    # help (and exits) already in the first parse, before any model option exists,
+    # so `fairseq-train --arch transformer --help` lists no --encoder-layers. Keep
+    # -h/--help out of the first parse; the second one prints the complete help.
+    Patch(
+        "fairseq/options.py",
+        "--help after the model/task/criterion options are added",
+        "    args, _ = parser.parse_known_args(input_args)\n",
+        "    # ea-fairseq patch: -h/--help is acted on in the second parse, once the\n"
+        "    # model/task/criterion/optimizer options are in the parser\n"
+        "    _ea_argv = sys.argv[1:] if input_args is None else list(input_args)\n"
+        "    _ea_help = any(a in (\"-h\", \"--help\") for a in _ea_argv)\n"
+        "    args, _ = parser.parse_known_args([a for a in _ea_argv if a not in (\"-h\", \"--help\")])\n",
+    ),
+    Patch(
+        "fairseq/options.py",
+        "--help without --arch: general help, as before",
+        "        else:\n"
+        "            raise RuntimeError()\n",
+        "        elif not (_ea_help and args.arch is None):\n"
+        "            raise RuntimeError()\n",
+    ),
+    Patch(
+        "fairseq/options.py",
+        "sys for the patch above",
+        "import argparse\n",
+        "import argparse\nimport sys\n",
+    ),
+    # --- torch deprecations reached from fairseq's own code -----------------------
+    # torch >= 2.4 deprecates torch.cuda.amp.* (a FutureWarning at every training
+    # step's first call, i.e. at the top of every training log). torch.amp.autocast
+    # ("cuda", ...) exists since torch 1.10 (fairseq 0.12.2's minimum), so the same
+    # call works everywhere; torch.amp.GradScaler("cuda", ...) only since torch 2.3.
+    Patch(
+        "fairseq/tasks/fairseq_task.py",
+        "torch.cuda.amp.autocast is deprecated (torch >= 2.4): torch.amp.autocast('cuda')",
+        "            with torch.cuda.amp.autocast(enabled=(isinstance(optimizer, AMPOptimizer))):\n",
+        '            with torch.amp.autocast("cuda", enabled=(isinstance(optimizer, AMPOptimizer))):\n',
+    ),
+    Patch(
+        "fairseq/optim/amp_optimizer.py",
+        "torch.cuda.amp.GradScaler is deprecated (torch >= 2.4): torch.amp.GradScaler('cuda')",
+        "        self._grad_scaler = torch.cuda.amp.GradScaler(**amp_kwargs)\n",
+        '        if hasattr(torch.amp, "GradScaler"):  # ea-fairseq patch: torch >= 2.3\n'
+        '            self._grad_scaler = torch.amp.GradScaler("cuda", **amp_kwargs)\n'
+        "        else:\n"
+        "            self._grad_scaler = torch.cuda.amp.GradScaler(**amp_kwargs)\n",
+    ),
+    # Five helpers of the non-autoregressive models are scripted at import time, so
+    # every `import fairseq.models` calls torch.jit.script (deprecated in torch 2.13:
+    # five DeprecationWarnings). Scripting them eagerly is not needed: scripting a
+    # model that calls them compiles them recursively, and eager code runs them as
+    # Python functions.
+    Patch(
+        "fairseq/models/model_utils.py",
+        "no eager torch.jit.script at import (deprecated in torch 2.13)",
+        "@torch.jit.script\n",
+        "",
+        count=5,
+    ),
+    # torch >= 2.0 deprecates a boolean key_padding_mask next to a float attn_mask in
+    # F.multi_head_attention_forward ("Support for mismatched key_padding_mask and
+    # attn_mask is deprecated"), which fairseq's decoder self-attention passes at every
+    # padded batch. Hand torch the float (-inf) mask it would build itself: same result.
+    Patch(
+        "fairseq/modules/multihead_attention.py",
+        "boolean key_padding_mask as a float mask next to a float attn_mask (torch >= 2.0)",
+        "            else:\n"
+        "                return F.multi_head_attention_forward(\n",
+        "            else:\n"
+        "                if (\n"
+        "                    key_padding_mask is not None\n"
+        "                    and attn_mask is not None\n"
+        "                    and hasattr(F, \"_canonical_mask\")  # ea-fairseq patch: torch >= 2.0\n"
+        "                    and attn_mask.is_floating_point()\n"
+        "                    and not key_padding_mask.is_floating_point()\n"
+        "                ):\n"
+        "                    key_padding_mask = torch.zeros(\n"
+        "                        key_padding_mask.shape, dtype=attn_mask.dtype, device=attn_mask.device\n"
+        "                    ).masked_fill_(key_padding_mask.to(torch.bool), float(\"-inf\"))\n"
+        "                return F.multi_head_attention_forward(\n",
+    ),
+    # --- checkpoint loading errors say why --------------------------------------
+    # Trainer.load_checkpoint replaces any error of model.load_state_dict (a missing
+    # key, a size mismatch, a model's own check) by "please ensure that the
+    # architectures match", leaving the reason in the middle of a chained traceback.
+    Patch(
+        "fairseq/trainer.py",
+        "keep the reason in the error of a failed checkpoint load",
+        "            except Exception:\n"
+        "                raise Exception(\n"
+        "                    \"Cannot load model parameters from checkpoint {}; \"\n"
+        "                    \"please ensure that the architectures match.\".format(filename)\n"
+        "                )\n",
+        "            except Exception as e:\n"
+        "                raise Exception(\n"
+        "                    \"Cannot load model parameters from checkpoint {}; \"\n"
+        "                    \"please ensure that the architectures match: {}\".format(filename, e)\n"
+        "                ) from e\n",
+    ),
     # --- numpy 2 --------------------------------------------------------------
     Patch(
         "fairseq/data/data_utils.py",

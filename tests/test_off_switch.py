@@ -18,8 +18,8 @@ def _vanilla_and_ea(ea_extra):
     vanilla = build_model("transformer", [], dictionary=d, seed=3)
     ea = build_model("ea_transformer", ea_extra, dictionary=d, seed=4)
     # the EA model's only extra parameters are its convs (kept at their init)
-    missing, unexpected = ea.load_state_dict(vanilla.state_dict(), strict=False)
-    assert not unexpected and all(".ea_conv." in k for k in missing)
+    # (the EA model's upgrade_state_dict_named adds them to the state dict: strict works)
+    ea.load_state_dict(vanilla.state_dict(), strict=True)
     return d, vanilla, ea
 
 
@@ -35,7 +35,9 @@ def test_off_has_exactly_the_vanilla_parameters():
           "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
     # fairseq 0.12.2 encoder layers carry unused BetterTransformer copies; EA layers do not
     want = {k for k in vanilla.state_dict() if k.rsplit(".", 1)[-1] not in bt or ".self_attn." in k}
-    assert set(ea.state_dict()) == want
+    # plus the EA state-dict version of the encoder and decoder (a buffer)
+    assert set(ea.state_dict()) == want | {"encoder.ea_version", "decoder.ea_version"}
+    assert set(dict(ea.named_parameters())) == {k for k in want if k in dict(vanilla.named_parameters())}
 
 
 def test_zero_alpha_beta_builds_no_conv():

@@ -5,12 +5,15 @@ Transformer architecture (``ea_`` + its name): each is fairseq's own function pl
 the ``--ea-*`` defaults.
 """
 
+import copy
+from argparse import Namespace
+from dataclasses import fields
 from typing import Dict, List, Optional
 
 import torch
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import fsdp_wrap
-from fairseq.models import ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
+from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import (
     TransformerConfig,
     TransformerDecoderBase,
@@ -21,6 +24,7 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor
 
 from ..modules.ea_transformer_layer import EATransformerDecoderLayer, EATransformerEncoderLayer
+from .ea_checkpoint import EA_STATE_VERSION, upgrade_ea_state_dict
 from .ea_config import EvolvingAttentionConfig, ea_base_architecture
 
 
@@ -34,6 +38,16 @@ def _wrap_layer(layer, cfg):
     return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
 
 
+def _show_ea_defaults_in_help(parser) -> None:
+    """Append "(default: ...)" to the --help text of the non-boolean --ea-* options
+    (their parser defaults are deleted: the architecture fills them in)."""
+    defaults = {f.name: f.default for f in fields(EvolvingAttentionConfig)
+                if not f.name.startswith("_") and not isinstance(f.default, bool)}
+    for action in parser._actions:
+        if action.dest in defaults and action.help and "(default" not in action.help:
+            action.help += f" (default: {defaults[action.dest]})"
+
+
 class EATransformerEncoder(TransformerEncoderBase):
     """Transformer encoder whose self-attention maps evolve from layer to layer."""
 
@@ -41,6 +55,15 @@ class EATransformerEncoder(TransformerEncoderBase):
         self.ea_cfg = ea
         self._layers_built = 0  # build_encoder_layer is called once per layer, in order
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+        # state-dict format of the EA weights (see ea_checkpoint.py)
+        self.register_buffer("ea_version", torch.tensor([float(EA_STATE_VERSION)]))
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """fairseq's upgrades, then: a fairseq Transformer's state dict gets this
+        model's initial EA convolutions; a mismatching one fails naming the flag."""
+        super().upgrade_state_dict_named(state_dict, name)
+        upgrade_ea_state_dict(self, state_dict, name, "encoder", self.cfg.encoder.layers_to_keep)
+        return state_dict
 
     def build_encoder_layer(self, cfg):
         idx, self._layers_built = self._layers_built, self._layers_built + 1
@@ -115,6 +138,13 @@ class EATransformerDecoder(TransformerDecoderBase):
         self._layers_built = 0  # build_decoder_layer is called once per layer, in order
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
                          output_projection=output_projection)
+        self.register_buffer("ea_version", torch.tensor([float(EA_STATE_VERSION)]))
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """As EATransformerEncoder.upgrade_state_dict_named."""
+        super().upgrade_state_dict_named(state_dict, name)
+        upgrade_ea_state_dict(self, state_dict, name, "decoder", self.cfg.decoder.layers_to_keep)
+        return state_dict
 
     def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
         idx, self._layers_built = self._layers_built, self._layers_built + 1
@@ -229,12 +259,47 @@ class EATransformerModel(TransformerModel):
         super().add_args(parser)
         # defaults come from the architecture (ea_base_architecture), as for fairseq's flags
         gen_parser_from_dataclass(parser, EvolvingAttentionConfig(), delete_default=True)
+        _show_ea_defaults_in_help(parser)
 
     @classmethod
     def build_model(cls, args, task):
         ea_base_architecture(args)
         EvolvingAttentionConfig.from_args(args).validate()
         return super().build_model(args, task)
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        """fairseq's ``from_pretrained`` (returns its GeneratorHubInterface). A checkpoint
+        of fairseq's own ``transformer_*`` is turned into the matching ``ea_transformer_*``
+        (see ``from_transformer``); ``--ea-*`` options go in as keyword arguments
+        (``ea_alpha=0.3``), like any other override."""
+        hub = super().from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path, **kwargs)
+        for i, model in enumerate(hub.models):
+            if not isinstance(model, EATransformerModel):
+                ea = cls.from_transformer(model, hub.cfg.model, hub.task)
+                ea.prepare_for_inference_(hub.cfg)
+                hub.models[i] = ea
+        return hub
+
+    @classmethod
+    def from_transformer(cls, model: TransformerModel, args: Namespace, task) -> "EATransformerModel":
+        """The EA twin of a fairseq ``TransformerModel``: built from ``args`` (its
+        model config, a Namespace; any ``ea_*`` options in it are used) with the
+        ``ea_`` architecture of its ``--arch``, holding ``model``'s weights; the EA
+        convolutions start at their initialisation (an identity by default)."""
+        if not isinstance(args, Namespace):
+            raise TypeError(f"from_transformer needs fairseq's (argparse) model config, got {type(args).__name__}")
+        arch = getattr(args, "arch", None) or "transformer"
+        ea_arch = arch if arch.startswith("ea_") else "ea_" + arch
+        if ARCH_MODEL_REGISTRY.get(ea_arch) is not cls:
+            raise ValueError(f"--arch {arch}: ea-fairseq has no {ea_arch} (it has: {', '.join(EA_ARCHS)})")
+        ea_args = copy.deepcopy(args)
+        ea_args.arch, ea_args._name = ea_arch, "ea_transformer"
+        ARCH_CONFIG_REGISTRY[ea_arch](ea_args)
+        ea = cls.build_model(ea_args, task)
+        ea.load_state_dict(model.state_dict(), strict=True, model_cfg=ea_args)
+        ref = next(model.parameters())
+        return ea.to(device=ref.device, dtype=ref.dtype)
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
@@ -280,3 +345,5 @@ def _register_ea_arch(fairseq_arch: str) -> None:
 
 for _name in FAIRSEQ_ARCHS:
     _register_ea_arch(_name)
+
+EA_ARCHS = tuple("ea_" + name for name in FAIRSEQ_ARCHS)
