@@ -35,6 +35,8 @@ install_requires = [
     # training logs (--tensorboard-logdir)
     "tensorboard==2.21.0",
     "tensorboardX==2.6.5",
+    # learning curves (benchmarks/quality_report.py)
+    "matplotlib==3.11.2",
 ]
 
 setup(
