@@ -27,10 +27,10 @@
 #   MODE         main | sweep                                                   (main)
 #   SEEDS        training seeds                                 (main: 1 2 3; sweep: 1)
 #   ONLY         a regular expression on setting names                          (all)
-#   PATIENCE     epochs without a better valid loss before stopping (--patience)  (5)
+#   PATIENCE     epochs without a better valid loss before stopping (--patience)  (3)
 #   MAX_UPDATE   cap on updates, should patience not stop a run first          (30000)
 #   MAX_EPOCH    cap on epochs                                               (none)
-#   NUM_AVG      last epoch checkpoints averaged for decoding (<= 5, the recipe keeps 5) (5)
+#   NUM_AVG      last epoch checkpoints averaged for decoding (<= 5, the recipe keeps 5) (3)
 #   MODEL_ARGS   fairseq-train arguments for every run (model size; the recipe's
 #                d=128, 3+3 layers, 4 heads, FFN 512 when empty)
 #   DATA_BIN     the prepared corpus                           (data-bin/<corpus's folder>)
@@ -87,8 +87,8 @@ case "$MODE" in
     ;;
   *) die "MODE=$MODE: expected main or sweep" ;;
 esac
-PATIENCE=${PATIENCE:-5}
-NUM_AVG=${NUM_AVG:-5}
+PATIENCE=${PATIENCE:-3}
+NUM_AVG=${NUM_AVG:-3}
 PRUNE=${PRUNE:-1}
 export CPU=${CPU:-1} MAX_UPDATE=${MAX_UPDATE:-30000} NUM_AVG
 DATA_BIN=${DATA_BIN:-$EA_REPO/data-bin/$DATA_DIR}
@@ -113,13 +113,14 @@ if [[ "$REPORT_ONLY" == 0 ]]; then
       if [[ ! -f "$run/TRAINED" ]]; then
         log "$name seed $seed: training (MODEL=$model ${args:-(defaults)}; log: $run/run.log)"
         "$PYTHON" - "$run/run.json" "$CORPUS" "$name" "$model" "$seed" "$args" "${MODEL_ARGS:-}" \
-          "$PATIENCE" "$DATA_BIN" <<'PY'
+          "$PATIENCE" "$DATA_BIN" "$NUM_AVG" "$MAX_UPDATE" "${MAX_EPOCH:-}" <<'PY'
 import json, os, platform, sys, time
-path, corpus, name, model, seed, args, model_args, patience, data_bin = sys.argv[1:]
+path, corpus, name, model, seed, args, model_args, patience, data_bin, num_avg, max_update, max_epoch = sys.argv[1:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
     if os.path.exists("/proc/cpuinfo") else platform.processor()
 info = {"corpus": corpus, "setting": name, "model": model, "seed": int(seed), "args": args,
-        "model_args": model_args, "patience": int(patience), "data_bin": data_bin,
+        "model_args": model_args, "patience": int(patience), "data_bin": data_bin, "num_avg": int(num_avg),
+        "max_update": int(max_update), "max_epoch": int(max_epoch) if max_epoch else None,
         "cpu": cpu, "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 if os.path.exists(path):  # a resumed run keeps its first start
@@ -148,4 +149,6 @@ fi
 mkdir -p "$OUT"
 "$PYTHON" "$EA_REPO/benchmarks/quality_report.py" --runs "$RUNS_DIR" --corpus "$CORPUS" --data-bin "$DATA_BIN" \
   --json "$OUT/$REPORT_NAME.json" --png "$OUT/$REPORT_NAME.png" --paired-bs-n "${PAIRED_BS_N:-1000}" \
+  --meta "train=scripts/train.sh multi30k (its small CPU recipe) on data_bin, + --patience" \
+  "evaluate=scripts/evaluate.sh multi30k (beam 5, lenpen 1, last num_avg epochs averaged)" "mode=$MODE" \
   --settings "${SETTINGS[@]}"

@@ -39,6 +39,16 @@ _TRAIN_EPOCH = re.compile(r"epoch (\d+) \| (loss .*)$")
 _EARLY_STOP = "early stop since valid performance hasn't improved"
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rel(path) -> str:
+    """A path relative to the repository when inside it (committed results carry no
+    machine-specific prefix), else as given."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
 def _fields(text: str) -> Dict[str, str]:
     """'loss 3.2 | nll_loss 2.1 | ...' -> {'loss': '3.2', ...}"""
     out = {}
@@ -119,6 +129,7 @@ def collect_run(run: Path, tgt: str, refs: List[str]) -> Dict:
         "seed": int(run.name.replace("seed", "")),
         "model": meta.get("model"),
         "args": meta.get("args"),
+        **{k: meta.get(k) for k in ("model_args", "patience", "num_avg", "max_update", "max_epoch")},
         "tokenized_bleu": res["tokenized_bleu"],
         "sacrebleu": res["sacrebleu"],
         "sacrebleu_signature": res["sacrebleu_signature"],
@@ -134,8 +145,8 @@ def collect_run(run: Path, tgt: str, refs: List[str]) -> Dict:
         "wall_s": curve[-1]["wall_s"],
         "train_seconds_measured": sum(secs) if secs else None,
         "stopped_by": parsed["stopped_by"],
-        "checkpoint": res.get("checkpoint"),
-        "hypotheses": str(hyp_file),
+        "checkpoint": _rel(res["checkpoint"]) if res.get("checkpoint") else None,
+        "hypotheses": _rel(hyp_file),
         "cpu": meta.get("cpu"),
         "cpus_available": meta.get("cpus_available"),
         "curve": curve,
@@ -164,7 +175,7 @@ def paired_test(base: List[str], system: List[str], refs: List[str], n: int) -> 
     for key, metric in (("bleu", "BLEU"), ("chrf", "chrF2")):
         b, s = scores[metric]
         out[key] = {"baseline": round(float(b.score), 2), "system": round(float(s.score), 2),
-                    "delta": round(float(s.score - b.score), 2), "p_value": round(float(s.p_value), 4)}
+                    "delta": round(float(s.score - b.score), 2) + 0.0, "p_value": round(float(s.p_value), 4)}
     return out, {k: str(v) for k, v in sigs.items()}
 
 
@@ -234,6 +245,7 @@ def main(argv=None) -> None:
     ap.add_argument("--png", type=Path, required=True)
     ap.add_argument("--paired-bs-n", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--baseline", default="vanilla", help="the setting the others are tested against")
+    ap.add_argument("--meta", nargs="*", default=[], help="KEY=VALUE pairs recorded as the recipe")
     ap.add_argument("--settings", nargs="+", required=True, help="'name|model|args' per setting, in report order")
     args = ap.parse_args(argv)
 
@@ -270,7 +282,8 @@ def main(argv=None) -> None:
         mine = {r["seed"]: r for r in s["runs"]}
         per_seed, pooled_base, pooled_sys = [], [], []
         for seed in seeds:
-            b, m = _read(Path(base_runs[seed]["hypotheses"])), _read(Path(mine[seed]["hypotheses"]))
+            b = _read(REPO / base_runs[seed]["hypotheses"])  # (an absolute path stays absolute)
+            m = _read(REPO / mine[seed]["hypotheses"])
             res, paired_sigs = paired_test(b, m, refs, args.paired_bs_n)
             per_seed.append({"seed": seed, **res})
             pooled_base += b
@@ -284,7 +297,8 @@ def main(argv=None) -> None:
     first = done[0]["runs"][0]
     result = {
         "corpus": args.corpus,
-        "data_bin": str(args.data_bin),
+        "data_bin": _rel(args.data_bin),
+        "recipe": dict(m.split("=", 1) for m in args.meta),
         "test_sentences": len(refs),
         "prepared": info,
         "sacrebleu_signature": first["sacrebleu_signature"],
@@ -292,7 +306,7 @@ def main(argv=None) -> None:
         "paired_test": {"type": "paired bootstrap resampling (sacrebleu --paired-bs)", "resamples": args.paired_bs_n,
                         "baseline": args.baseline, "signatures": paired_sigs},
         "hardware": {**_hardware(), "run_cpu": first.get("cpu"), "run_cpus_available": first.get("cpus_available")},
-        "plot": str(args.png),
+        "plot": _rel(args.png),
         "settings": settings,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

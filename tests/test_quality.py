@@ -49,7 +49,7 @@ def toy(tmp_path_factory):
 def test_results_file_is_well_formed(toy):
     root, _env, proc = toy
     res = json.loads((root / "results" / "multi30k.json").read_text())
-    assert res["corpus"] == "multi30k" and res["test_sentences"] == 24
+    assert res["corpus"] == "multi30k" and res["test_sentences"] == 24 and res["recipe"]["mode"] == "main"
     assert res["sacrebleu_signature"].startswith("nrefs:1|case:mixed|")
     assert res["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0")
     assert "bs:50" in res["paired_test"]["signatures"]["BLEU"]
@@ -69,6 +69,7 @@ def test_results_file_is_well_formed(toy):
             assert r["wall_s"] >= r["wall_s_to_best"] > 0 and r["train_seconds_measured"] > 0
             assert r["best_valid_loss"] == min(p["valid_loss"] for p in r["curve"])
             assert os.path.exists(r["hypotheses"])
+            assert r["patience"] == 1 and r["num_avg"] == 2 and r["max_epoch"] == 2 and r["model_args"] == TINY
         for key in ("sacrebleu", "tokenized_bleu", "chrf", "updates_to_best", "wall_s_to_best"):
             vals = [r[key] for r in s["runs"]]
             assert s[key]["n"] == 2 and s[key]["mean"] == pytest.approx(sum(vals) / 2, abs=1e-3)
