@@ -5,7 +5,8 @@
 # --patience), average the last epoch checkpoints and decode the test set with beam 5
 # (scripts/evaluate.sh), then write results/<corpus>.json (per-run BLEU, sacreBLEU +
 # signature, chrF, updates and wall time to convergence; per setting mean, std and a
-# paired bootstrap test against vanilla) and results/<corpus>.png (learning curves), with
+# paired bootstrap test against vanilla, or against the EA defaults in the sweep) and
+# results/<corpus>.png (learning curves), with
 # benchmarks/quality_report.py.
 #
 #   bash benchmarks/quality.sh multi30k              # vanilla, ea, ea-cross x seeds 1 2 3
@@ -66,6 +67,7 @@ case "$MODE" in
       "ea-cross|ea|--ea-cross-attn"
     )
     REPORT_NAME=$CORPUS
+    BASELINE=vanilla
     ;;
   sweep)
     SEEDS=${SEEDS:-1}
@@ -84,6 +86,7 @@ case "$MODE" in
       "conv-no-wd|ea|--optimizer ea_adam --ea-conv-no-weight-decay"
     )
     REPORT_NAME=${CORPUS}_defaults
+    BASELINE=ea  # the question is whether a default should change
     ;;
   *) die "MODE=$MODE: expected main or sweep" ;;
 esac
@@ -149,6 +152,7 @@ fi
 mkdir -p "$OUT"
 "$PYTHON" "$EA_REPO/benchmarks/quality_report.py" --runs "$RUNS_DIR" --corpus "$CORPUS" --data-bin "$DATA_BIN" \
   --json "$OUT/$REPORT_NAME.json" --png "$OUT/$REPORT_NAME.png" --paired-bs-n "${PAIRED_BS_N:-1000}" \
+  --baseline "$BASELINE" \
   --meta "train=scripts/train.sh multi30k (its small CPU recipe) on data_bin, + --patience" \
   "evaluate=scripts/evaluate.sh multi30k (beam 5, lenpen 1, last num_avg epochs averaged)" "mode=$MODE" \
   --settings "${SETTINGS[@]}"

@@ -334,7 +334,7 @@ def main(argv=None) -> None:
         print(f"{s['setting']:<12} {len(s['runs']):>4} {ms(s['sacrebleu']):>13} {ms(s['tokenized_bleu']):>13} "
               f"{ms(s['chrf']):>13} {ms(s['updates_to_best'], 1, '{:.0f}'):>12} "
               f"{ms(s['wall_s_to_best'], 60, '{:.1f}'):>10} {pb:>7} {pc:>7}")
-    print("(* at the best valid loss; p: paired bootstrap against vanilla, seeds pooled)")
+    print(f"(* at the best valid loss; p: paired bootstrap against {args.baseline}, seeds pooled where >1)")
     print(f"wrote {args.json} and {args.png}")
 
 

@@ -136,3 +136,36 @@ def test_log_parser_reads_fairseqs_lines(tmp_path):
     log.write_text("nothing here\n")
     with pytest.raises(SystemExit, match="no \"valid on 'valid' subset\" line"):
         quality_report.parse_log(log)
+
+
+def _settings_of_quality_sh():
+    """The 'name|model|args' entries of benchmarks/quality.sh (both modes)."""
+    import re
+
+    text = open(f"{REPO}/benchmarks/quality.sh", encoding="utf-8").read()
+    return sorted(set(re.findall(r'^\s+"([\w.-]+)\|(ea|vanilla)\|([^"]*)"$', text, flags=re.M)))
+
+
+def test_every_setting_builds_a_model_and_optimizer():
+    """Each setting's arguments parse, build their model, and (where given) their
+    optimizer, as train.sh's command line would: a typo fails here, not hours into a run."""
+    import shlex
+
+    import torch
+    from fairseq import optim
+
+    from helpers import build_model, parse_model_args
+
+    settings = _settings_of_quality_sh()
+    names = {name for name, _, _ in settings}
+    assert {"vanilla", "ea", "ea-cross", "alpha0.2", "alpha1.0", "beta0.8", "kernel1", "kernel5", "relu",
+            "leaky_relu", "conv-no-wd"} <= names
+    for name, model, args in settings:
+        arch = "ea_transformer" if model == "ea" else "transformer"
+        extra = ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.001", "--weight-decay", "0.0001",
+                 *shlex.split(args)]
+        m = build_model(arch, extra, dtype=torch.float32)
+        opt = optim.build_optimizer(parse_model_args(arch, list(extra)), list(m.parameters()))
+        assert opt.optimizer.param_groups[0]["weight_decay"] == 0.0001, name
+        if name == "conv-no-wd":
+            assert [g["weight_decay"] for g in opt.optimizer.param_groups] == [0.0001, 0.0]
