@@ -32,13 +32,11 @@ install_requires = [
     "sacremoses==0.1.1",
     "subword-nmt==0.3.8",
     "sentencepiece==0.2.1",
-    # pictures (benchmarks/cost.py --plot)
+    # pictures: cost.py --plot, python -m ea_fairseq.plot, quality_report.py curves
     "matplotlib==3.11.2",
     # training logs (--tensorboard-logdir)
     "tensorboard==2.21.0",
     "tensorboardX==2.6.5",
-    # attention-map pictures (python -m ea_fairseq.plot)
-    "matplotlib==3.11.2",
 ]
 
 setup(

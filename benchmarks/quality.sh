@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Quality of evolving attention against vanilla fairseq, trained to convergence:
+# for a corpus, train every setting with several seeds using the same recipe
+# (scripts/train.sh's small CPU model, early stopping on valid loss with fairseq's
+# --patience), average the last epoch checkpoints and decode the test set with beam 5
+# (scripts/evaluate.sh), then write results/<corpus>.json (per-run BLEU, sacreBLEU +
+# signature, chrF, updates and wall time to convergence; per setting mean, std and a
+# paired bootstrap test against vanilla, or against the EA defaults in the sweep) and
+# results/<corpus>.png (learning curves), with
+# benchmarks/quality_report.py.
+#
+#   bash benchmarks/quality.sh multi30k              # vanilla, ea, ea-cross x seeds 1 2 3
+#   bash benchmarks/quality.sh europarl20k           # the same on Europarl Fr-En (20k lines)
+#   MODE=sweep bash benchmarks/quality.sh multi30k   # alpha, beta, kernel, activation, conv decay
+#                                                    # -> results/multi30k_defaults.{json,png}
+#   bash benchmarks/quality.sh multi30k --report     # only (re)write the results from finished runs
+#
+# Corpora (prepared with the project's recipes if needed):
+#   multi30k     Multi30k De-En (scripts/prepare-multi30k.sh; MULTI30K_DIR: local copy)
+#   europarl20k  Europarl v7 Fr-En, 20k lines (scripts/prepare-wmt-small.sh fr-en)
+#   wmt10k       WMT En-De, 10k pairs (scripts/prepare-wmt-small.sh en-de)
+#
+# Idempotent and resumable: a run whose eval/test.json exists is skipped; an interrupted
+# run continues from its checkpoint_last.pt; a run that finished training (TRAINED
+# marker) is only evaluated. The report covers every finished run of the mode's settings.
+#
+# Variables (all optional):
+#   MODE         main | sweep                                                   (main)
+#   SEEDS        training seeds                                 (main: 1 2 3; sweep: 1)
+#   ONLY         a regular expression on setting names                          (all)
+#   PATIENCE     epochs without a better valid loss before stopping (--patience)  (3)
+#   MAX_UPDATE   cap on updates, should patience not stop a run first          (30000)
+#   MAX_EPOCH    cap on epochs                                               (none)
+#   NUM_AVG      last epoch checkpoints averaged for decoding (<= 5, the recipe keeps 5) (3)
+#   MODEL_ARGS   fairseq-train arguments for every run (model size; the recipe's
+#                d=128, 3+3 layers, 4 heads, FFN 512 when empty)
+#   DATA_BIN     the prepared corpus                           (data-bin/<corpus's folder>)
+#   RUNS_DIR     run folders: RUNS_DIR/<setting>/seed<N>/      (checkpoints/quality/<corpus>)
+#   OUT          results folder                                                 (results)
+#   PRUNE        1: after evaluation delete the epoch checkpoints and checkpoint_last.pt
+#                (the averaged model in eval/ and checkpoint_best.pt stay)        (1)
+#   PAIRED_BS_N  bootstrap resamples of the paired test                          (1000)
+#   and those of scripts/train.sh / evaluate.sh (CPU, LR, WARMUP, DROPOUT, MAX_TOKENS, ...)
+set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib/common.sh"
+
+CORPUS=${1:-}
+REPORT_ONLY=0
+[[ "${2:-}" != --report ]] || REPORT_ONLY=1
+[[ -z "${2:-}" || "$REPORT_ONLY" == 1 ]] || die "unknown argument '$2' (expected --report)"
+EA_STEP=quality-$CORPUS
+case "$CORPUS" in
+  multi30k) DATA_DIR=multi30k.de-en PREPARE=(prepare-multi30k.sh) ;;
+  europarl20k) DATA_DIR=europarl20k.fr-en PREPARE=(prepare-wmt-small.sh fr-en) ;;
+  wmt10k) DATA_DIR=wmt10k.en-de PREPARE=(prepare-wmt-small.sh en-de) ;;
+  *) die "usage: quality.sh multi30k|europarl20k|wmt10k [--report] (got '$CORPUS')" ;;
+esac
+MODE=${MODE:-main}
+# name|model|fairseq-train arguments of the setting
+case "$MODE" in
+  main)
+    SEEDS=${SEEDS:-1 2 3}
+    SETTINGS=(
+      "vanilla|vanilla|"
+      "ea|ea|"
+      "ea-cross|ea|--ea-cross-attn"
+    )
+    REPORT_NAME=$CORPUS
+    BASELINE=vanilla
+    ;;
+  sweep)
+    SEEDS=${SEEDS:-1}
+    SETTINGS=(
+      "vanilla|vanilla|"
+      "ea|ea|"
+      "alpha0.2|ea|--ea-alpha 0.2"
+      "alpha0.8|ea|--ea-alpha 0.8"
+      "alpha1.0|ea|--ea-alpha 1.0"
+      "beta0.2|ea|--ea-beta 0.2"
+      "beta0.8|ea|--ea-beta 0.8"
+      "kernel1|ea|--ea-kernel-size 1"
+      "kernel5|ea|--ea-kernel-size 5"
+      "relu|ea|--ea-activation relu"
+      "leaky_relu|ea|--ea-activation leaky_relu"
+      "conv-no-wd|ea|--optimizer ea_adam --ea-conv-no-weight-decay"
+    )
+    REPORT_NAME=${CORPUS}_defaults
+    BASELINE=ea  # the question is whether a default should change
+    ;;
+  *) die "MODE=$MODE: expected main or sweep" ;;
+esac
+PATIENCE=${PATIENCE:-3}
+NUM_AVG=${NUM_AVG:-3}
+PRUNE=${PRUNE:-1}
+export CPU=${CPU:-1} MAX_UPDATE=${MAX_UPDATE:-30000} NUM_AVG
+DATA_BIN=${DATA_BIN:-$EA_REPO/data-bin/$DATA_DIR}
+export DATA_BIN
+RUNS_DIR=${RUNS_DIR:-$EA_REPO/checkpoints/quality/$CORPUS}
+OUT=${OUT:-$EA_REPO/results}
+[[ "$PATIENCE" =~ ^[1-9][0-9]*$ ]] || die "PATIENCE=$PATIENCE: expected a positive number of epochs"
+[[ "$NUM_AVG" =~ ^[1-5]$ ]] || die "NUM_AVG=$NUM_AVG: expected 1..5 (the recipe keeps the last 5 epoch checkpoints)"
+
+ea_activate_env
+require_python_module matplotlib "pip install matplotlib (scripts/install.sh does)"
+
+if [[ "$REPORT_ONLY" == 0 ]]; then
+  [[ -f "$DATA_BIN/PREPARED" ]] || DEST=$DATA_BIN bash "$EA_REPO/scripts/${PREPARE[0]}" "${PREPARE[@]:1}"
+  for entry in "${SETTINGS[@]}"; do
+    IFS='|' read -r name model args <<<"$entry"
+    [[ "$name" =~ ^(${ONLY:-.*})$ ]] || continue
+    for seed in $SEEDS; do
+      run=$RUNS_DIR/$name/seed$seed
+      [[ -f "$run/eval/test.json" ]] && continue
+      mkdir -p "$run"
+      if [[ ! -f "$run/TRAINED" ]]; then
+        log "$name seed $seed: training (MODEL=$model ${args:-(defaults)}; log: $run/run.log)"
+        "$PYTHON" - "$run/run.json" "$CORPUS" "$name" "$model" "$seed" "$args" "${MODEL_ARGS:-}" \
+          "$PATIENCE" "$DATA_BIN" "$NUM_AVG" "$MAX_UPDATE" "${MAX_EPOCH:-}" <<'PY'
+import json, os, platform, sys, time
+path, corpus, name, model, seed, args, model_args, patience, data_bin, num_avg, max_update, max_epoch = sys.argv[1:]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
+    if os.path.exists("/proc/cpuinfo") else platform.processor()
+info = {"corpus": corpus, "setting": name, "model": model, "seed": int(seed), "args": args,
+        "model_args": model_args, "patience": int(patience), "data_bin": data_bin, "num_avg": int(num_avg),
+        "max_update": int(max_update), "max_epoch": int(max_epoch) if max_epoch else None,
+        "cpu": cpu, "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+if os.path.exists(path):  # a resumed run keeps its first start
+    info["started"] = json.load(open(path)).get("started", info["started"])
+json.dump(info, open(path, "w"), indent=2)
+PY
+        start=$(date +%s)
+        MODEL=$model SAVE_DIR=$run SEED=$seed LOG_FORMAT=simple \
+          EXTRA_ARGS="${MODEL_ARGS:-} --patience $PATIENCE $args" \
+          bash "$EA_REPO/scripts/train.sh" multi30k >>"$run/run.log" 2>&1 \
+          || die "training $name seed $seed failed (log: $run/run.log)"
+        # seconds of each training invocation (a resumed run has several)
+        echo $(($(date +%s) - start)) >>"$run/train_seconds"
+        : >"$run/TRAINED"
+      fi
+      log "$name seed $seed: evaluating"
+      MODEL=$model SAVE_DIR=$run bash "$EA_REPO/scripts/evaluate.sh" multi30k >>"$run/run.log" 2>&1 \
+        || die "evaluating $name seed $seed failed (log: $run/run.log)"
+      if [[ "$PRUNE" == 1 ]]; then
+        find "$run" -maxdepth 1 \( -regex '.*/checkpoint[0-9]+\.pt' -o -name checkpoint_last.pt \) -delete
+      fi
+    done
+  done
+fi
+
+mkdir -p "$OUT"
+"$PYTHON" "$EA_REPO/benchmarks/quality_report.py" --runs "$RUNS_DIR" --corpus "$CORPUS" --data-bin "$DATA_BIN" \
+  --json "$OUT/$REPORT_NAME.json" --png "$OUT/$REPORT_NAME.png" --paired-bs-n "${PAIRED_BS_N:-1000}" \
+  --baseline "$BASELINE" \
+  --meta "train=scripts/train.sh multi30k (its small CPU recipe) on data_bin, + --patience" \
+  "evaluate=scripts/evaluate.sh multi30k (beam 5, lenpen 1, last num_avg epochs averaged)" "mode=$MODE" \
+  --settings "${SETTINGS[@]}"
