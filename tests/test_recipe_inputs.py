@@ -79,14 +79,25 @@ def test_whitespace_only_lines_dropped_from_training_kept_in_test(tmp_path):
 # ------------------------------------------------------------ interrupted binarisation
 
 def _start_and_wait_for_tmp(env, dest: Path):
-    proc = subprocess.Popen(["bash", str(SCRIPTS / "prepare-multi30k.sh")], env=_env(**env),
+    """Start the Multi30k recipe with a fairseq-preprocess that writes part of its output
+    and then hangs, so that the interrupt lands during binarisation however fast the
+    machine is; return once the temporary folder holds that partial output."""
+    shim = dest.parent / "stalling-bin"
+    shim.mkdir(exist_ok=True)
+    (shim / "fairseq-preprocess").write_text(
+        '#!/usr/bin/env bash\n'
+        'while [[ $# -gt 0 ]]; do [[ $1 == --destdir ]] && d=$2; shift; done\n'
+        'mkdir -p "$d" && echo partial >"$d/train.src-tgt.src.bin" && exec sleep 600\n')
+    (shim / "fairseq-preprocess").chmod(0o755)
+    run_env = _env(**env)
+    run_env["PATH"] = f"{shim}{os.pathsep}{run_env['PATH']}"
+    proc = subprocess.Popen(["bash", str(SCRIPTS / "prepare-multi30k.sh")], env=run_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
-    while not list(dest.parent.glob(dest.name + ".tmp.*")):
+    while not list(dest.parent.glob(dest.name + ".tmp.*/*.bin")):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.05)
-    time.sleep(1.0)  # fairseq-preprocess is writing into it
     return proc
 
 
