@@ -108,3 +108,21 @@ def softmax_keeping_float64(x, dim: int, onnx_trace: bool = False):
     """fairseq.utils.softmax always returns float32; for float64 reference runs keep
     float64 (at least float32, as before)."""
     return torch.nn.functional.softmax(x, dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+def beam_batch_and_order(dictionary: Dictionary, structured: bool, beam: int = 3, n_sent: int = 2, tgt_len: int = 7):
+    """A batch laid out as beam search lays it out (``beam`` hypotheses per sentence,
+    sharing its source) and a new order for it: beam-structured (each hypothesis picks,
+    with repeats, among those of its own sentence, as SequenceGenerator does) or an
+    arbitrary permutation. Returns (batch, new_order)."""
+    src_lens = [l for l in (5, 8)[:n_sent] for _ in range(beam)]
+    batch = random_batch(dictionary, src_lens, [tgt_len] * len(src_lens), seed=3)
+    first = [s * beam for s in range(n_sent) for _ in range(beam)]  # hypotheses share their source
+    batch["src_tokens"] = batch["src_tokens"][first]
+    batch["src_lengths"] = batch["src_lengths"][first]
+    g = torch.Generator().manual_seed(0)
+    if structured:
+        new_order = torch.cat([torch.randint(0, beam, (beam,), generator=g) + s * beam for s in range(n_sent)])
+    else:
+        new_order = torch.randperm(beam * n_sent, generator=g)
+    return batch, new_order

@@ -8,7 +8,7 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from fairseq.sequence_generator import SequenceGenerator
 from helpers import (
-    EA_ALL, build_model, full_logits, incremental_logits, make_dictionary, random_batch, softmax_keeping_float64,
+    EA_ALL, beam_batch_and_order, build_model, full_logits, incremental_logits, make_dictionary, random_batch, softmax_keeping_float64,
 )
 
 from ea_fairseq.modules import EvolvingMultiheadAttention
@@ -147,15 +147,7 @@ def test_reorder_incremental_state_equals_permuted_batch(name, beam_structured):
     model = build_model("ea_transformer", CONFIGS[name])
     d = model.encoder.dictionary
     beam, n_sent, T, t0 = 3, 2, 7, 3
-    batch = random_batch(d, [5, 5, 5, 8, 8, 8], [T] * 6, seed=3)
-    # hypotheses of one sentence share the source, as in beam search
-    batch["src_tokens"] = batch["src_tokens"][[0, 0, 0, 3, 3, 3]]
-    batch["src_lengths"] = batch["src_lengths"][[0, 0, 0, 3, 3, 3]]
-    g = torch.Generator().manual_seed(0)
-    if beam_structured:
-        new_order = torch.cat([torch.randint(0, beam, (beam,), generator=g) + s * beam for s in range(n_sent)])
-    else:
-        new_order = torch.randperm(beam * n_sent, generator=g)
+    batch, new_order = beam_batch_and_order(d, beam_structured, beam, n_sent, T)
 
     with torch.no_grad():
         enc = model.encoder(batch["src_tokens"], batch["src_lengths"])

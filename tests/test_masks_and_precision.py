@@ -6,7 +6,7 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from fairseq.sequence_generator import SequenceGenerator
 import fairseq.modules.multihead_attention
-from helpers import EA_ALL, build_model, full_logits, incremental_logits, random_batch, softmax_keeping_float64
+from helpers import EA_ALL, beam_batch_and_order, build_model, full_logits, incremental_logits, random_batch, softmax_keeping_float64
 
 from ea_fairseq.modules import EASpec, EvolvingMultiheadAttention
 
@@ -87,14 +87,7 @@ def test_beam_shared_cross_keys_stay_exact_under_any_reorder(structured):
     model = build_model("ea_transformer", EA_ALL)
     d = model.encoder.dictionary
     beam, n_sent, T, t0 = 3, 2, 7, 3
-    batch = random_batch(d, [5, 5, 5, 8, 8, 8], [T] * 6, seed=3)
-    batch["src_tokens"] = batch["src_tokens"][[0, 0, 0, 3, 3, 3]]
-    batch["src_lengths"] = batch["src_lengths"][[0, 0, 0, 3, 3, 3]]
-    g = torch.Generator().manual_seed(0)
-    if structured:
-        new_order = torch.cat([torch.randint(0, beam, (beam,), generator=g) + s * beam for s in range(n_sent)])
-    else:
-        new_order = torch.randperm(beam * n_sent, generator=g)
+    batch, new_order = beam_batch_and_order(d, structured, beam, n_sent, T)
     model.decoder.set_beam_size(beam)
     cross = [layer.encoder_attn for layer in model.decoder.layers]
     with torch.no_grad():
