@@ -176,7 +176,11 @@ def test_fairseq_train_fp16_on_the_cpu(reversal_data, tmp_path):
     assert len(losses) >= 2 and losses[-1] < losses[0], log[-2000:]
     assert "loss_scale" in log
     ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
-    assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values() if v.is_floating_point())
+    # "_float_tensor" is fairseq's dtype/device marker in SinusoidalPositionalEmbedding, made with
+    # torch.FloatTensor(1) and never initialised: its one value is whatever the memory held.
+    weights = {k: v for k, v in ckpt["model"].items() if v.is_floating_point() and not k.endswith("._float_tensor")}
+    assert weights and all(torch.isfinite(v.float()).all() for v in weights.values()), \
+        [k for k, v in weights.items() if not torch.isfinite(v.float()).all()]
 
 
 @pytest.mark.parametrize("flag", ["fp16", "bf16"])
