@@ -108,20 +108,68 @@ def test_beam_shared_cross_keys_stay_exact_under_any_reorder(structured):
     torch.testing.assert_close(torch.cat(outs, dim=1), expected, rtol=0, atol=1e-9)
 
 
-def test_beam_search_with_shared_cross_keys_equals_the_plain_path():
+def test_beam_search_with_shared_cross_keys_equals_the_plain_path(monkeypatch):
+    """SequenceGenerator finds the model's set_beam_size, so the fused path keeps the
+    encoder keys once per sentence during real beam search; the hypotheses and scores are
+    those of the plain per-hypothesis path."""
     model = build_model("ea_transformer", EA_ALL, dtype=torch.float32)
     d = model.encoder.dictionary
-    batch = random_batch(d, [6, 9, 3, 7], [2] * 4, seed=9)
+    n_sent, beam = 4, 4
+    batch = random_batch(d, [6, 9, 3, 7], [2] * n_sent, seed=9)
     sample = {"net_input": {"src_tokens": batch["src_tokens"], "src_lengths": batch["src_lengths"]}}
+    rows_seen = []
+    original = EvolvingMultiheadAttention.reorder_incremental_state
+
+    def spy(self, incremental_state, new_order):
+        buf = self._get_input_buffer(incremental_state)
+        if self.encoder_decoder_attention and "shared_key" in buf:
+            rows_seen.append(buf["shared_key"].size(0))
+        return original(self, incremental_state, new_order)
+
+    monkeypatch.setattr(EvolvingMultiheadAttention, "reorder_incremental_state", spy)
     results = {}
     for impl in ("fused", "autograd"):
         for m in model.modules():
             if isinstance(m, EvolvingMultiheadAttention):
                 m.impl = impl
         with torch.no_grad():
-            hyps = SequenceGenerator([model], d, beam_size=4, max_len_b=10).generate([model], sample)
+            hyps = SequenceGenerator([model], d, beam_size=beam, max_len_b=10).generate([model], sample)
         results[impl] = [(h["tokens"].tolist(), round(float(h["score"]), 4)) for nbest in hyps for h in nbest]
+        if impl == "fused":
+            assert all(m.beam_size == beam for m in model.decoder.modules() if isinstance(m, EvolvingMultiheadAttention))
+            assert rows_seen and max(rows_seen) == n_sent  # once per sentence, fewer as sentences finish
+            rows_seen.clear()
+    assert not rows_seen  # the plain path keeps one copy per hypothesis
     assert results["fused"] == results["autograd"]
+
+
+def test_cross_keys_are_shared_only_when_the_rows_are_copies():
+    """With beam_size set, a batch of distinct sentences (not beam-laid-out) keeps its keys
+    per row and stays exact; a beam-laid-out one shares them, and the usual beam step (every
+    sentence stays in place) reuses them without a copy."""
+    model = build_model("ea_transformer", EA_ALL)
+    d = model.encoder.dictionary
+    beam = 3
+    model.set_beam_size(beam)
+    distinct = random_batch(d, [5, 8, 4, 6, 7, 3], [6] * 6, seed=4)
+    laid_out, _ = beam_batch_and_order(d, True, beam, 2, 6)
+    cross = model.decoder.layers[0].encoder_attn
+    for batch, shared in ((distinct, False), (laid_out, True)):
+        with torch.no_grad():
+            enc = model.encoder(batch["src_tokens"], batch["src_lengths"])
+            state = {}
+            outs = [model.decoder(batch["prev_output_tokens"][:, : t + 1], encoder_out=enc, incremental_state=state)[0]
+                    for t in range(3)]
+            kv = cross._get_input_buffer(state)
+            assert ("shared_key" in kv) == shared and ("prev_key" in kv) == (not shared)
+            if shared:
+                before = kv["shared_key"]
+                model.decoder.reorder_incremental_state_scripting(state, torch.arange(6))
+                assert cross._get_input_buffer(state)["shared_key"] is before
+            outs += [model.decoder(batch["prev_output_tokens"][:, : t + 1], encoder_out=enc, incremental_state=state)[0]
+                     for t in range(3, 6)]
+            expected = full_logits(model, batch)
+        torch.testing.assert_close(torch.cat(outs, dim=1), expected, rtol=0, atol=1e-9)
 
 
 # half precision on the CPU: tolerances against float32 of the same weights

@@ -24,6 +24,7 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor
 
 from ..modules.ea_transformer_layer import EATransformerDecoderLayer, EATransformerEncoderLayer
+from ..modules.evolving_attention import EvolvingMultiheadAttention
 from .ea_checkpoint import EA_STATE_VERSION, upgrade_ea_state_dict
 from .ea_config import EvolvingAttentionConfig, ea_base_architecture
 
@@ -300,6 +301,15 @@ class EATransformerModel(TransformerModel):
         ea.load_state_dict(model.state_dict(), strict=True, model_cfg=ea_args)
         ref = next(model.parameters())
         return ea.to(device=ref.device, dtype=ref.dtype)
+
+    def set_beam_size(self, beam_size: int) -> None:
+        """fairseq's SequenceGenerator calls this on a model that has it (TransformerModel
+        has not): EA cross-attention then keeps the encoder keys and values once per
+        sentence instead of once per hypothesis, and reorders only its per-hypothesis rows.
+        fairseq's own MultiheadAttention modules are left on their usual path."""
+        for module in self.decoder.modules():
+            if isinstance(module, EvolvingMultiheadAttention):
+                module.set_beam_size(beam_size)
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

@@ -338,6 +338,24 @@ class EvolvingMultiheadAttention(MultiheadAttention):
     def _shares_kv(self) -> bool:
         return self.encoder_decoder_attention and self.beam_size > 1 and self.impl == "fused"
 
+    def _beam_laid_out(self, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], bsz: int) -> bool:
+        """Whether the encoder rows come in groups of ``beam_size`` identical copies (as
+        SequenceGenerator lays them out), so that one row per group can stand for all.
+        Checked once per batch, when the keys are cached: sharing is exact whatever the
+        caller passes, unlike fairseq's shortcut, which assumes it."""
+        beam = self.beam_size
+        if key.size(1) != bsz or bsz % beam:
+            return False
+        for t in (key, value) if value is not key else (key,):
+            g = t.view(t.size(0), -1, beam, t.size(2))
+            if not torch.equal(g, g[:, :, :1].expand_as(g)):
+                return False
+        if key_padding_mask is not None and key_padding_mask.dim() == 2:
+            g = key_padding_mask.view(-1, beam, key_padding_mask.size(1))
+            if not torch.equal(g, g[:, :1].expand_as(g)):
+                return False
+        return True
+
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         """Reorder the cached state along the batch (hypothesis) axis; exact for any order.
 
@@ -357,8 +375,13 @@ class EvolvingMultiheadAttention(MultiheadAttention):
                 sent_of = new_order // beam  # the sentence each new hypothesis comes from
                 by_sent = sent_of.view(-1, beam) if new_order.numel() % beam == 0 else None
                 if by_sent is not None and torch.equal(by_sent, by_sent[:, :1].expand_as(by_sent)):
+                    sents = by_sent[:, 0]
+                    n_old = buf[shared[0]].size(0)
+                    # the usual beam step keeps every sentence in place: nothing to copy
+                    # (fairseq's MultiheadAttention skips it the same way)
+                    keep = sents.numel() == n_old and torch.equal(sents, torch.arange(n_old, device=sents.device))
                     for name in shared:
-                        reordered[name] = buf[name].index_select(0, by_sent[:, 0])
+                        reordered[name] = buf[name] if keep else buf[name].index_select(0, sents)
                 else:
                     for name in shared:  # un-share: one copy per hypothesis from now on
                         reordered["prev_" + name[len("shared_"):]] = buf[name].index_select(0, sent_of)
@@ -402,7 +425,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             k = v = None  # encoder keys/values are cached
         else:
             assert key is not None and value is not None
-            share = saved is not None and self._shares_kv() and key.size(1) == bsz
+            share = saved is not None and self._shares_kv() and self._beam_laid_out(key, value, key_padding_mask, bsz)
             if share:
                 # the hypotheses of a sentence share its source: one row per sentence
                 key = key.view(key.size(0), -1, self.beam_size, key.size(2))[:, :, 0]  # (Tk, B/beam, C)
@@ -493,9 +516,12 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         kv_bsz = k.size(0) // heads
         if kv_bsz == bsz:
             return torch.bmm(q, k.transpose(1, 2)).view(bsz, heads, tgt_len, -1)
-        qs = q.view(kv_bsz, -1, heads, tgt_len, q.size(2))  # (B', beam, H, Tq, D)
-        ks = k.view(kv_bsz, 1, heads, k.size(1), k.size(2))  # (B', 1, H, Tk, D)
-        return torch.matmul(qs, ks.transpose(-1, -2)).view(bsz, heads, tgt_len, -1)
+        # the beam's queries become rows of one product per sentence and head, so that the
+        # keys are read in place (a broadcasting matmul would copy them for every hypothesis)
+        beam = bsz // kv_bsz
+        qs = q.view(kv_bsz, beam, heads, tgt_len, -1).transpose(1, 2).reshape(kv_bsz * heads, beam * tgt_len, -1)
+        s = torch.bmm(qs, k.transpose(1, 2))  # (B'*H, beam*Tq, Tk)
+        return s.view(kv_bsz, heads, beam, tgt_len, -1).transpose(1, 2).reshape(bsz, heads, tgt_len, -1)
 
     def _weighted_values(self, probs: Tensor, v: Tensor, bsz: int) -> Tensor:
         """probs (B, H, Tq, Tk) @ v (B'*H, Tk, D) -> (B*H, Tq, D)."""
@@ -503,9 +529,10 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         kv_bsz = v.size(0) // heads
         if kv_bsz == bsz:
             return torch.bmm(probs.flatten(0, 1), v)
-        ps = probs.view(kv_bsz, -1, heads, tgt_len, probs.size(3))  # (B', beam, H, Tq, Tk)
-        vs = v.view(kv_bsz, 1, heads, v.size(1), v.size(2))  # (B', 1, H, Tk, D)
-        return torch.matmul(ps, vs).view(bsz * heads, tgt_len, -1)
+        beam = bsz // kv_bsz  # as in _scores: values read in place
+        ps = probs.view(kv_bsz, beam, heads, tgt_len, -1).transpose(1, 2).reshape(kv_bsz * heads, beam * tgt_len, -1)
+        out = torch.bmm(ps, v)  # (B'*H, beam*Tq, D)
+        return out.view(kv_bsz, heads, beam, tgt_len, -1).transpose(1, 2).reshape(bsz * heads, tgt_len, -1)
 
     def _evolve_and_softmax(self, q: Tensor, k: Tensor, prev: Optional[Tensor], masks: EAMasks,
                             incremental_state: IncrementalState, weight: Optional[Tensor] = None,
