@@ -35,7 +35,8 @@
 #   MODEL_ARGS   fairseq-train arguments for every run (model size; the recipe's
 #                d=128, 3+3 layers, 4 heads, FFN 512 when empty)
 #   DATA_BIN     the prepared corpus                           (data-bin/<corpus's folder>)
-#   RUNS_DIR     run folders: RUNS_DIR/<setting>/seed<N>/      (checkpoints/quality/<corpus>)
+#   NAME         name of the results and run folders, e.g. for a subset in DATA_BIN (<corpus>)
+#   RUNS_DIR     run folders: RUNS_DIR/<setting>/seed<N>/      (checkpoints/quality/<NAME>)
 #   OUT          results folder                                                 (results)
 #   PRUNE        1: after evaluation delete the epoch checkpoints and checkpoint_last.pt
 #                (the averaged model in eval/ and checkpoint_best.pt stay)        (1)
@@ -66,7 +67,7 @@ case "$MODE" in
       "ea|ea|"
       "ea-cross|ea|--ea-cross-attn"
     )
-    REPORT_NAME=$CORPUS
+    REPORT_NAME=${NAME:-$CORPUS}
     BASELINE=vanilla
     ;;
   sweep)
@@ -85,7 +86,7 @@ case "$MODE" in
       "leaky_relu|ea|--ea-activation leaky_relu"
       "conv-no-wd|ea|--optimizer ea_adam --ea-conv-no-weight-decay"
     )
-    REPORT_NAME=${CORPUS}_defaults
+    REPORT_NAME=${NAME:-$CORPUS}_defaults
     BASELINE=ea  # the question is whether a default should change
     ;;
   *) die "MODE=$MODE: expected main or sweep" ;;
@@ -96,9 +97,10 @@ PRUNE=${PRUNE:-1}
 export CPU=${CPU:-1} MAX_UPDATE=${MAX_UPDATE:-30000} NUM_AVG
 DATA_BIN=${DATA_BIN:-$EA_REPO/data-bin/$DATA_DIR}
 export DATA_BIN
-RUNS_DIR=${RUNS_DIR:-$EA_REPO/checkpoints/quality/$CORPUS}
+RUNS_DIR=${RUNS_DIR:-$EA_REPO/checkpoints/quality/${NAME:-$CORPUS}}
 OUT=${OUT:-$EA_REPO/results}
 [[ "$PATIENCE" =~ ^[1-9][0-9]*$ ]] || die "PATIENCE=$PATIENCE: expected a positive number of epochs"
+[[ -z "${NAME:-}" || "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "NAME=$NAME: expected letters, digits, '.', '_' or '-'"
 [[ "$NUM_AVG" =~ ^[1-5]$ ]] || die "NUM_AVG=$NUM_AVG: expected 1..5 (the recipe keeps the last 5 epoch checkpoints)"
 
 ea_activate_env

@@ -28,6 +28,7 @@
 #                  ($EA_SHARED_DATA/wmt_small, default ../shared/data/wmt_small)
 #   TEST           fr-en only: europarl | newstest2012                  (europarl)
 #   MAX_LEN        longest training pair kept, in BPE tokens            (250, WMT's)
+#   TRAIN_LINES    fr-en only: train on the first N of the training lines (0 = all) (0)
 #   WORK, DEST, BPE, BPE_TOKENS (8000), WORKERS, FORCE: as in prepare-wmt14.sh
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
@@ -52,7 +53,10 @@ BPE=${BPE:-subword-nmt}
 BPE_TOKENS=${BPE_TOKENS:-8000}
 MAX_LEN=${MAX_LEN:-250}
 WORKERS=${WORKERS:-$(nproc)}
-RECIPE_SETTINGS="pair=$PAIR test=$TEST max_len=$MAX_LEN"
+TRAIN_LINES=${TRAIN_LINES:-0}
+require_int TRAIN_LINES 0
+[[ "$PAIR" == fr-en || "$TRAIN_LINES" == 0 ]] || die "TRAIN_LINES=$TRAIN_LINES: only fr-en takes a subset (en-de has 10,000 pairs)"
+RECIPE_SETTINGS="pair=$PAIR test=$TEST max_len=$MAX_LEN train_lines=$TRAIN_LINES"
 [[ "$PAIR" == fr-en ]] || RECIPE_SETTINGS="pair=$PAIR max_len=$MAX_LEN"
 TMP=$WORK/tmp
 MARKERS=$WORK/.done
@@ -85,12 +89,16 @@ if ! step_done detok; then
     n=$(n_lines "$E.en")
     ((n > 2000)) || die "$E.en has $n lines: need more than 2,000 (the last 2,000 are valid and test)"
     if [[ "$TEST" == europarl ]]; then
-      raw_split train "$E.$SRC" "$E.$TGT" "1,$((n - 2000))"
+      last=$((n - 2000))
+      ((TRAIN_LINES == 0 || TRAIN_LINES <= last)) || die "TRAIN_LINES=$TRAIN_LINES: $E.en has only $last training lines"
+      ((TRAIN_LINES == 0)) || last=$TRAIN_LINES
+      raw_split train "$E.$SRC" "$E.$TGT" "1,$last"
       raw_split valid "$E.$SRC" "$E.$TGT" "$((n - 1999)),$((n - 1000))"
       raw_split test "$E.$SRC" "$E.$TGT" "$((n - 999)),\$"
     else
       N=$ORIG/newstest2012
-      raw_split train "$E.$SRC" "$E.$TGT"
+      ((TRAIN_LINES == 0 || TRAIN_LINES <= n)) || die "TRAIN_LINES=$TRAIN_LINES: $E.en has only $n lines"
+      raw_split train "$E.$SRC" "$E.$TGT" "1,$((TRAIN_LINES == 0 ? n : TRAIN_LINES))"
       raw_split valid "$N.$SRC" "$N.$TGT" "1,1500"
       raw_split test "$N.$SRC" "$N.$TGT" "1501,\$"
     fi

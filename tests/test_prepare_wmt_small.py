@@ -57,6 +57,12 @@ def test_fr_en_europarl_splits(tmp_path):
     # the same settings again: nothing to do
     again = run(["bash", SCRIPT, "fr-en"], env=_env(tmp_path, small))
     assert "already prepared" in again.stderr
+    # TRAIN_LINES: the first N training lines; valid and test are unchanged
+    sub = _env(tmp_path, small, TRAIN_LINES="200", WORK=str(tmp_path / "work200"), DEST=str(tmp_path / "bin200"))
+    run(["bash", SCRIPT, "fr-en"], env=sub)
+    assert "train_lines=200" in (tmp_path / "bin200" / "PREPARED").read_text()
+    assert 150 < len(_lines(tmp_path / "work200" / "train.en")) <= 200
+    assert _lines(tmp_path / "bin200" / "test.raw.en") == raw
 
 
 def test_en_de_and_bad_input(tmp_path):
@@ -73,6 +79,8 @@ def test_en_de_and_bad_input(tmp_path):
     fails(["de-fr"], _env(tmp_path, small), "usage: prepare-wmt-small.sh fr-en|en-de")
     fails(["fr-en"], _env(tmp_path, tmp_path / "nowhere"), "set WMT_SMALL_DIR")
     fails(["fr-en"], _env(tmp_path, small, TEST="wmt99"), "TEST=wmt99: expected europarl or newstest2012")
+    fails(["en-de"], _env(tmp_path, small, TRAIN_LINES="100"), "TRAIN_LINES=100: only fr-en takes a subset")
+    fails(["fr-en"], _env(tmp_path, small, TRAIN_LINES="x"), "TRAIN_LINES=x")
     # mismatched line counts: named, and no output left behind
     bad = tmp_path / "bad"
     _slice(SHARED / "wmt_small" / "en-de_10k", bad / "en-de_10k", 300)

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -169,3 +170,13 @@ def test_every_setting_builds_a_model_and_optimizer():
         assert opt.optimizer.param_groups[0]["weight_decay"] == 0.0001, name
         if name == "conv-no-wd":
             assert [g["weight_decay"] for g in opt.optimizer.param_groups] == [0.0001, 0.0]
+
+
+def test_name_names_the_results_and_is_checked(tmp_path):
+    """A NAME (of results/<NAME>.json and the run folders) that could leave the folder
+    stops before anything is prepared."""
+    env = {**os.environ, "NAME": "../elsewhere", "DATA_BIN": str(tmp_path / "none"), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", f"{REPO}/benchmarks/quality.sh", "multi30k"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "NAME=../elsewhere: expected letters" in proc.stderr, proc.stderr
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
