@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Cost of evolving attention against fairseq's transformer, side by side.
 
-Measures, on real batches (IWSLT14 De-En test sentences, fairseq's BPE), for each
-model variant and each sentence-length factor f (every sentence repeated f times):
+Measures, on real batches (IWSLT14 De-En test sentences, fairseq's BPE; by default a
+batch of similar lengths as fairseq's batching makes them, ``--order file`` for the first
+sentences of the file), for each model variant and each sentence-length factor f (every
+sentence repeated f times):
   * activation memory of one training step: the bytes autograd saves for backward
     (``saved_tensors_hooks``, each storage counted once; device-independent), and on
     a GPU also the peak CUDA memory of the step above what was allocated before it;
@@ -83,15 +85,27 @@ def make_task(data_dir: Path, workdir: Path):
     return TranslationTask(cfg, d, d), d
 
 
-def make_batch(d, data_dir: Path, max_tokens: int, factor: int, device, max_sentences: int = 0):
-    """The first test sentences, each repeated ``factor`` times, up to max_tokens target
-    tokens (or max_sentences sentences), collated as fairseq does. Returns (batch, target tokens)."""
+def make_batch(d, data_dir: Path, max_tokens: int, factor: int, device, max_sentences: int = 0,
+               order: str = "fairseq"):
+    """Test sentences, each repeated ``factor`` times, up to max_tokens target tokens (or
+    max_sentences sentences), collated as fairseq does. Returns (batch, target tokens).
+
+    order "fairseq": as fairseq's training batches are made (LanguagePairDataset orders the
+    sentences by source, then target length; batch_by_size cuts that order into batches),
+    the batch of sentences of similar length starting at the median sentence. order "file":
+    the first sentences of the file, whatever their lengths (the short ones padded to the
+    longest)."""
     from fairseq.data import data_utils
 
-    src_lines = (data_dir / "test.de").read_text().splitlines()
-    tgt_lines = (data_dir / "test.en").read_text().splitlines()
+    pairs = list(zip((data_dir / "test.de").read_text().splitlines(),
+                     (data_dir / "test.en").read_text().splitlines()))
+    if order == "fairseq":
+        pairs.sort(key=lambda p: (len(p[0].split()), len(p[1].split())))  # stable, like fairseq's mergesort
+        pairs = pairs[len(pairs) // 2:]
+    elif order != "file":
+        raise ValueError(f"order {order!r}: expected 'fairseq' or 'file'")
     src, tgt, n_tok = [], [], 0
-    for s, t in zip(src_lines, tgt_lines):
+    for s, t in pairs:
         ts = d.encode_line(" ".join([s] * factor), add_if_not_exist=False).long()
         tt = d.encode_line(" ".join([t] * factor), add_if_not_exist=False).long()
         if (max_tokens and n_tok + len(tt) > max_tokens) or (max_sentences and len(src) == max_sentences):
@@ -187,6 +201,10 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=2048, help="target tokens in the training batch")
     ap.add_argument("--decode-sentences", type=int, default=32, help="sentences decoded with beam 5 (at 1x; / f at f x)")
     ap.add_argument("--decode-steps", type=int, default=30, help="decoding steps at 1x (forced length; * f at f x)")
+    ap.add_argument("--order", choices=["fairseq", "file"], default="fairseq",
+                    help="which test sentences make the batches: 'fairseq', a batch as fairseq's length-sorted "
+                         "batching makes it (similar lengths, from the median sentence on); 'file', the first "
+                         "sentences of the file, padded to the longest (default: fairseq)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up); 0 measures memory only")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -237,9 +255,9 @@ def main():
 
     per_length = []
     for f in factors:
-        batch, n_tok = make_batch(d, args.data, args.max_tokens, f, device)
+        batch, n_tok = make_batch(d, args.data, args.max_tokens, f, device, order=args.order)
         n_dec, steps = max(1, args.decode_sentences // f), args.decode_steps * f
-        dec_batch, _ = make_batch(d, args.data, 0, f, device, max_sentences=n_dec)
+        dec_batch, _ = make_batch(d, args.data, 0, f, device, max_sentences=n_dec, order=args.order)
         sample = {"net_input": {"src_tokens": dec_batch["src_tokens"], "src_lengths": dec_batch["src_lengths"]}}
         memory = {n: measure_memory(models[n], batch, d.pad(), device) for n in names}
         update = {n: [] for n in names}
@@ -262,7 +280,7 @@ def main():
         })
 
     header = (f"device {device}, threads {torch.get_num_threads()}, {args.precision}; {args.repeats} repeats; "
-              f"transformer_iwslt_de_en sizes")
+              f"transformer_iwslt_de_en sizes; {args.order} batches")
     report(header, per_length)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -38,3 +38,28 @@ def test_cost_benchmark_rejects_bad_lengths(tmp_path):
         [sys.executable, REPO + "/benchmarks/cost.py", "--lengths", "0,x", "--workdir", tmp_path],
         capture_output=True, text=True)
     assert proc.returncode != 0 and "--lengths" in proc.stderr
+
+
+def test_cost_batches_fairseq_order_and_file_order():
+    """--order fairseq: sentences of similar length from the median on (little padding);
+    --order file: the first sentences, padded to the longest of them."""
+    import torch
+
+    sys.path.insert(0, REPO + "/benchmarks")
+    import cost
+
+    data = SHARED / "iwslt14" / "fairseq_bpe10k"
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for lang in ("de", "en"):
+        Dictionary.add_file_to_dictionary(str(data / f"test.{lang}"), d, lambda s: s.split(), 1)
+    d.finalize()
+    src_lens = sorted(len(line.split()) for line in (data / "test.de").read_text().splitlines())
+    batches = {o: cost.make_batch(d, data, 600, 1, torch.device("cpu"), order=o)[0] for o in ("fairseq", "file")}
+    real = {o: (b["src_tokens"] != d.pad()).sum(1) - 1 for o, b in batches.items()}  # without </s>
+    assert real["fairseq"].min() >= src_lens[len(src_lens) // 2]  # from the median sentence on
+    assert real["fairseq"].max() - real["fairseq"].min() <= 2  # similar lengths
+    assert real["file"].max() - real["file"].min() > 10  # the file's first lines differ widely
+    fill = {o: (b["src_tokens"] != d.pad()).float().mean().item() for o, b in batches.items()}
+    assert fill["fairseq"] > 0.9 > fill["file"]
