@@ -152,7 +152,7 @@ PY
 fi
 
 mkdir -p "$OUT"
-"$PYTHON" "$EA_REPO/benchmarks/quality_report.py" --runs "$RUNS_DIR" --corpus "$CORPUS" --data-bin "$DATA_BIN" \
+"$PYTHON" "$EA_REPO/benchmarks/quality_report.py" --runs "$RUNS_DIR" --corpus "${NAME:-$CORPUS}" --data-bin "$DATA_BIN" \
   --json "$OUT/$REPORT_NAME.json" --png "$OUT/$REPORT_NAME.png" --paired-bs-n "${PAIRED_BS_N:-1000}" \
   --baseline "$BASELINE" \
   --meta "train=scripts/train.sh multi30k (its small CPU recipe) on data_bin, + --patience" \
