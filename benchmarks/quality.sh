@@ -9,15 +9,20 @@
 # results/<corpus>.png (learning curves), with
 # benchmarks/quality_report.py.
 #
-#   bash benchmarks/quality.sh multi30k              # vanilla, ea, ea-cross x seeds 1 2 3
-#   bash benchmarks/quality.sh europarl20k           # the same on Europarl Fr-En (20k lines)
-#   MODE=sweep bash benchmarks/quality.sh multi30k   # alpha, beta, kernel, activation, conv decay
-#                                                    # -> results/multi30k_defaults.{json,png}
-#   bash benchmarks/quality.sh multi30k --report     # only (re)write the results from finished runs
+#   bash benchmarks/quality.sh multi30k10k             # vanilla, ea, ea-cross x seeds 1 2 3
+#   bash benchmarks/quality.sh europarl8k              # the same on Europarl Fr-En
+#   MODE=sweep bash benchmarks/quality.sh multi30k10k  # alpha, beta, kernel, activation, conv decay
+#                                                      # -> results/multi30k10k_defaults.{json,png}
+#   bash benchmarks/quality.sh multi30k10k --report    # only (re)write the results from finished runs
 #
 # Corpora (prepared with the project's recipes if needed):
-#   multi30k     Multi30k De-En (scripts/prepare-multi30k.sh; MULTI30K_DIR: local copy)
-#   europarl20k  Europarl v7 Fr-En, 20k lines (scripts/prepare-wmt-small.sh fr-en)
+#   multi30k10k  the converged runs in results/: Multi30k De-En, the first 10,000 training
+#                pairs, joint BPE 2k, a d=64 model with 2+2 layers (SMALL_MODEL below),
+#                at most 120 epochs: one run converges in 10-35 minutes on 2 CPU cores
+#   europarl8k   the same sizes on Europarl v7 Fr-En: the first 8,000 training lines
+#                (scripts/prepare-wmt-small.sh fr-en, in-domain valid/test of 1,000)
+#   multi30k     all of Multi30k De-En with the quickstart's d=128, 3+3 model (hours per run)
+#   europarl20k  Europarl v7 Fr-En, 18k training lines (scripts/prepare-wmt-small.sh fr-en)
 #   wmt10k       WMT En-De, 10k pairs (scripts/prepare-wmt-small.sh en-de)
 #
 # Idempotent and resumable: a run whose eval/test.json exists is skipped; an interrupted
@@ -30,10 +35,11 @@
 #   ONLY         a regular expression on setting names                          (all)
 #   PATIENCE     epochs without a better valid loss before stopping (--patience)  (3)
 #   MAX_UPDATE   cap on updates, should patience not stop a run first          (30000)
-#   MAX_EPOCH    cap on epochs                                               (none)
+#   MAX_EPOCH    cap on epochs                       (multi30k10k, europarl8k: 120; none)
 #   NUM_AVG      last epoch checkpoints averaged for decoding (<= 5, the recipe keeps 5) (3)
-#   MODEL_ARGS   fairseq-train arguments for every run (model size; the recipe's
-#                d=128, 3+3 layers, 4 heads, FFN 512 when empty)
+#   MODEL_ARGS   fairseq-train arguments for every run (model size; multi30k10k and
+#                europarl8k: SMALL_MODEL; otherwise empty, the recipe's d=128, 3+3 layers,
+#                4 heads, FFN 512)
 #   DATA_BIN     the prepared corpus                           (data-bin/<corpus's folder>)
 #   NAME         name of the results and run folders, e.g. for a subset in DATA_BIN (<corpus>)
 #   RUNS_DIR     run folders: RUNS_DIR/<setting>/seed<N>/      (checkpoints/quality/<NAME>)
@@ -51,11 +57,24 @@ REPORT_ONLY=0
 [[ "${2:-}" != --report ]] || REPORT_ONLY=1
 [[ -z "${2:-}" || "$REPORT_ONLY" == 1 ]] || die "unknown argument '$2' (expected --report)"
 EA_STEP=quality-$CORPUS
+# the model of the CPU-sized presets: small enough that a run converges within the hour
+SMALL_MODEL="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 64 --decoder-embed-dim 64"
+SMALL_MODEL+=" --encoder-ffn-embed-dim 256 --decoder-ffn-embed-dim 256"
+PREPARE_ENV=()  # variables of the preparation recipe
 case "$CORPUS" in
   multi30k) DATA_DIR=multi30k.de-en PREPARE=(prepare-multi30k.sh) ;;
   europarl20k) DATA_DIR=europarl20k.fr-en PREPARE=(prepare-wmt-small.sh fr-en) ;;
   wmt10k) DATA_DIR=wmt10k.en-de PREPARE=(prepare-wmt-small.sh en-de) ;;
-  *) die "usage: quality.sh multi30k|europarl20k|wmt10k [--report] (got '$CORPUS')" ;;
+  multi30k10k | europarl8k)
+    if [[ "$CORPUS" == multi30k10k ]]; then
+      DATA_DIR=multi30k10k.de-en PREPARE=(prepare-multi30k.sh) LINES=10000
+    else
+      DATA_DIR=europarl8k.fr-en PREPARE=(prepare-wmt-small.sh fr-en) LINES=8000
+    fi
+    PREPARE_ENV=(TRAIN_LINES="$LINES" BPE_TOKENS=2000 WORK="${WORK:-$EA_REPO/work/$DATA_DIR}")
+    : "${MODEL_ARGS=$SMALL_MODEL}" "${MAX_EPOCH:=120}"
+    ;;
+  *) die "usage: quality.sh multi30k10k|europarl8k|multi30k|europarl20k|wmt10k [--report] (got '$CORPUS')" ;;
 esac
 MODE=${MODE:-main}
 # name|model|fairseq-train arguments of the setting
@@ -95,6 +114,7 @@ PATIENCE=${PATIENCE:-3}
 NUM_AVG=${NUM_AVG:-3}
 PRUNE=${PRUNE:-1}
 export CPU=${CPU:-1} MAX_UPDATE=${MAX_UPDATE:-30000} NUM_AVG
+[[ -z "${MAX_EPOCH:-}" ]] || export MAX_EPOCH
 DATA_BIN=${DATA_BIN:-$EA_REPO/data-bin/$DATA_DIR}
 export DATA_BIN
 RUNS_DIR=${RUNS_DIR:-$EA_REPO/checkpoints/quality/${NAME:-$CORPUS}}
@@ -107,7 +127,8 @@ ea_activate_env
 require_python_module matplotlib "pip install matplotlib (scripts/install.sh does)"
 
 if [[ "$REPORT_ONLY" == 0 ]]; then
-  [[ -f "$DATA_BIN/PREPARED" ]] || DEST=$DATA_BIN bash "$EA_REPO/scripts/${PREPARE[0]}" "${PREPARE[@]:1}"
+  [[ -f "$DATA_BIN/PREPARED" ]] \
+    || env DEST="$DATA_BIN" "${PREPARE_ENV[@]}" bash "$EA_REPO/scripts/${PREPARE[0]}" "${PREPARE[@]:1}"
   for entry in "${SETTINGS[@]}"; do
     IFS='|' read -r name model args <<<"$entry"
     [[ "$name" =~ ^(${ONLY:-.*})$ ]] || continue

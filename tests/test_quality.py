@@ -180,3 +180,28 @@ def test_name_names_the_results_and_is_checked(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode != 0 and "NAME=../elsewhere: expected letters" in proc.stderr, proc.stderr
     assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
+
+
+def test_cpu_preset_prepares_its_subset_and_trains_the_small_model(tmp_path):
+    """`quality.sh europarl8k` (a preset behind results/) prepares the first 8,000 Europarl
+    lines with a 2k BPE and trains the small model with the epoch cap, as recorded in its
+    results: here cut to its first epoch (72 batches of 4096 tokens) and short hypotheses."""
+    env = {**os.environ, "DATA_BIN": str(tmp_path / "data-bin"), "WORK": str(tmp_path / "work"),
+           "RUNS_DIR": str(tmp_path / "runs"), "OUT": str(tmp_path / "results"), "SEEDS": "1", "ONLY": "vanilla",
+           "MAX_UPDATE": "72", "NUM_AVG": "1", "GEN_ARGS": "--max-len-a 0 --max-len-b 3", "WORKERS": "1",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("MODEL_ARGS", None)
+    env.pop("MAX_EPOCH", None)
+    run(["bash", f"{REPO}/benchmarks/quality.sh", "europarl8k"], env=env, timeout=900)
+    prepared = (tmp_path / "data-bin" / "PREPARED").read_text()
+    assert "bpe_tokens=2000" in prepared and "train_lines=8000" in prepared
+    meta = json.loads((tmp_path / "runs" / "vanilla" / "seed1" / "run.json").read_text())
+    assert meta["model_args"].split() == ["--encoder-layers", "2", "--decoder-layers", "2",
+                                          "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+                                          "--encoder-ffn-embed-dim", "256", "--decoder-ffn-embed-dim", "256"]
+    assert meta["max_epoch"] == 120
+    log = (tmp_path / "runs" / "vanilla" / "seed1" / "train.log").read_text()
+    assert "'max_epoch': 120" in log and "encoder_embed_dim=64" in log and "encoder_layers=2" in log
+    res = json.loads((tmp_path / "results" / "europarl8k.json").read_text())
+    assert res["corpus"] == "europarl8k" and res["test_sentences"] == 1000
+    assert [len(s["runs"]) for s in res["settings"]] == [1, 0, 0]
