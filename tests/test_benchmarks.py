@@ -13,9 +13,10 @@ def test_cost_benchmark_runs_and_reports(tmp_path):
     cmd = [sys.executable, REPO + "/benchmarks/cost.py", "--data", SHARED / "iwslt14" / "fairseq_bpe10k",
            "--variants", "vanilla,ea:autograd,ea", "--lengths", "1,2", "--max-tokens", "300",
            "--decode-sentences", "2", "--decode-steps", "3", "--repeats", "2", "--threads", "1",
-           "--workdir", tmp_path / "work", "--json", out, "--plot", png]
+           "--clock", "cpu", "--workdir", tmp_path / "work", "--json", out, "--plot", png]
     table = run(cmd, cwd=tmp_path).stdout
     saved = json.loads(out.read_text())
+    assert "threads 1, fp32, cpu clock" in saved["header"]
     assert [b["factor"] for b in saved["lengths"]] == [1, 2]
     for block in saved["lengths"]:
         rows = {r["variant"]: r for r in block["results"]}
@@ -38,6 +39,14 @@ def test_cost_benchmark_rejects_bad_lengths(tmp_path):
         [sys.executable, REPO + "/benchmarks/cost.py", "--lengths", "0,x", "--workdir", tmp_path],
         capture_output=True, text=True)
     assert proc.returncode != 0 and "--lengths" in proc.stderr
+
+
+def test_cost_benchmark_cpu_clock_needs_one_thread(tmp_path):
+    """The thread's CPU time misses the work of other threads: refused unless there is one."""
+    proc = __import__("subprocess").run(
+        [sys.executable, REPO + "/benchmarks/cost.py", "--clock", "cpu", "--threads", "2", "--workdir", tmp_path],
+        capture_output=True, text=True)
+    assert proc.returncode != 0 and "--clock cpu times the calling thread only" in proc.stderr
 
 
 def test_cost_batches_fairseq_order_and_file_order():
