@@ -123,21 +123,28 @@ class MaskInputs(NamedTuple):
 class EAMasks(NamedTuple):
     """The masks of one attention call, each broadcastable to (B, H, Tq, Tk).
 
-    Built from fairseq's small masks; their storages are shared by every layer of a
-    stack, so the bytes saved for backward do not grow with depth.
+    Built from fairseq's small masks (and rebuilt in backward rather than saved), so the
+    bytes saved for backward do not grow with depth. The maps are masked by multiplying
+    with the float forms (``keep``, ``logit_bias``, ``row_keep``): one pass each, where a
+    broadcasting ``masked_fill`` costs several times more on a CPU.
     """
 
     blocked: Optional[Tensor]  # bool (B|1, 1, Tq|1, Tk): excluded from the softmax
     zeroed: Optional[Tensor]  # bool: blocked, or a padded query row: 0 in the map
     bias: Optional[Tensor]  # float (1, 1, Tq, Tk): a float attn_mask, added to the logits
     empty_rows: Optional[Tensor]  # bool (B|1, 1, Tq|1, 1): every key blocked -> zero probabilities
+    keep: Optional[Tensor]  # map dtype, shaped as zeroed: 0 at zeroed cells, else 1
+    logit_bias: Optional[Tensor]  # softmax dtype: bias, and finfo.min at blocked cells (finite)
+    row_keep: Optional[Tensor]  # softmax dtype, shaped as empty_rows: 0 for an empty row, else 1
 
     @staticmethod
     def build(bsz: int, tgt_len: int, src_len: int, key_padding_mask: Optional[Tensor],
-              attn_mask: Optional[Tensor], query_padding_mask: Optional[Tensor]) -> "EAMasks":
+              attn_mask: Optional[Tensor], query_padding_mask: Optional[Tensor],
+              dtype: torch.dtype = torch.float32) -> "EAMasks":
         """key_padding_mask (B, Tk), True/1 = pad; attn_mask (Tq, Tk), bool (True =
         masked) or additive float (<= -1e4 / -inf = masked, other values added to the
-        logits); query_padding_mask (B, Tq), True = pad."""
+        logits); query_padding_mask (B, Tq), True = pad. ``dtype``: of the maps (the
+        softmax runs in it promoted to at least float32)."""
         blocked: Optional[Tensor] = None
         bias: Optional[Tensor] = None
         if key_padding_mask is not None:
@@ -160,21 +167,27 @@ class EAMasks(NamedTuple):
             qpad = query_padding_mask.to(torch.bool).view(bsz, 1, tgt_len, 1)
             zeroed = qpad if zeroed is None else zeroed | qpad
         empty_rows = blocked.all(dim=-1, keepdim=True) if blocked is not None else None
-        return EAMasks(blocked, zeroed, bias, empty_rows)
+        soft_dtype = torch.promote_types(dtype, torch.float32)
+        keep = None if zeroed is None else (~zeroed).to(dtype)
+        row_keep = None if empty_rows is None else (~empty_rows).to(soft_dtype)
+        logit_bias = None if bias is None else bias.to(soft_dtype)
+        if blocked is not None:
+            # finite, so that a row with every key blocked stays finite (row_keep zeroes it)
+            low = torch.finfo(soft_dtype).min
+            logit_bias = (blocked.to(soft_dtype) * low if logit_bias is None
+                          else logit_bias.masked_fill(blocked, low))
+        return EAMasks(blocked, zeroed, bias, empty_rows, keep, logit_bias, row_keep)
 
 
 def _masked_softmax(a: Tensor, masks: EAMasks) -> Tensor:
     """softmax over keys of A (+ float attn_mask) in float32 (float64 stays float64);
     blocked cells get probability 0, and rows with no unblocked key are all 0."""
     logits = a.to(torch.promote_types(a.dtype, torch.float32))
-    if masks.bias is not None:
-        logits = logits + masks.bias
-    if masks.blocked is not None:
-        # finite, so that a row with every key blocked stays finite (zeroed below)
-        logits = logits.masked_fill(masks.blocked, torch.finfo(logits.dtype).min)
+    if masks.logit_bias is not None:
+        logits = logits + masks.logit_bias
     probs = F.softmax(logits, dim=-1)
-    if masks.empty_rows is not None:
-        probs = probs.masked_fill(masks.empty_rows, 0.0)
+    if masks.row_keep is not None:
+        probs = probs * masks.row_keep
     return probs
 
 
@@ -244,10 +257,10 @@ class _FirstLayerScoresFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module: "EvolvingMultiheadAttention", mask_inputs: "MaskInputs", q: Tensor, k: Tensor):
-        zeroed = module._build_masks(q, k, mask_inputs).zeroed
+        keep = module._build_masks(q, k, mask_inputs).keep
         scores = module._scores(q, k, q.size(0) // module.num_heads)
-        if zeroed is not None:
-            scores = scores.masked_fill_(zeroed, 0.0)
+        if keep is not None:
+            scores = scores.mul_(keep)
         ctx.module = module
         ctx.save_for_backward(q, k, *mask_inputs)
         return scores
@@ -255,9 +268,9 @@ class _FirstLayerScoresFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_scores: Tensor):
         q, k, *mask_inputs = ctx.saved_tensors
-        zeroed = ctx.module._build_masks(q, k, MaskInputs(*mask_inputs)).zeroed
-        if zeroed is not None:
-            d_scores = d_scores.masked_fill(zeroed, 0.0)
+        keep = ctx.module._build_masks(q, k, MaskInputs(*mask_inputs)).keep
+        if keep is not None:
+            d_scores = d_scores * keep
         d_scores = d_scores.flatten(0, 1)  # (B*H, Tq, Tk)
         d_q = torch.bmm(d_scores, k) if ctx.needs_input_grad[2] else None
         d_k = torch.bmm(d_scores.transpose(1, 2), q) if ctx.needs_input_grad[3] else None
@@ -539,7 +552,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
                             bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(q, k, A_{l-1}) -> (A_l (B, H, Tq, Tk), zero at masked cells; P_l, float32)."""
         bsz = q.size(0) // self.num_heads
-        evolved = self._evolve(self._scores(q, k, bsz), prev, masks.zeroed, incremental_state, weight, bias)
+        evolved = self._evolve(self._scores(q, k, bsz), prev, masks.keep, incremental_state, weight, bias)
         return evolved, _masked_softmax(evolved, masks)
 
     def _dropout_keep_mask(self, probs: Tensor) -> Optional[Tensor]:
@@ -563,25 +576,25 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, -1, head_dim),
             v.view(bsz, heads, -1, head_dim), attn_mask=sdpa_mask, dropout_p=dropout, scale=1.0,
         )  # (B, H, Tq, D)
-        if masks.empty_rows is not None:
-            out = out.masked_fill(masks.empty_rows, 0.0)  # rows with no key to attend to
+        if masks.row_keep is not None:
+            out = out * masks.row_keep.to(out.dtype)  # rows with no key to attend to
         return out.flatten(0, 1)
 
     def _build_masks(self, q: Tensor, k: Tensor, inputs: MaskInputs) -> EAMasks:
         heads = self.num_heads
-        return EAMasks.build(q.size(0) // heads, q.size(1), k.size(1), *inputs)
+        return EAMasks.build(q.size(0) // heads, q.size(1), k.size(1), *inputs, dtype=q.dtype)
 
-    def _evolve(self, logits: Tensor, prev: Optional[Tensor], zeroed: Optional[Tensor],
+    def _evolve(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor],
                 incremental_state: IncrementalState, weight: Optional[Tensor] = None,
                 bias: Optional[Tensor] = None) -> Tensor:
-        """S_l (B, H, Tq, Tk) -> A_l (same shape, zero at ``zeroed`` cells)."""
+        """S_l (B, H, Tq, Tk) -> A_l (same shape, zero where ``keep`` (EAMasks.keep) is 0)."""
         ea = self.ea
         if prev is not None and ea.beta > 0:
             m = torch.lerp(logits, prev.to(logits.dtype), ea.beta)  # (1-beta) S + beta A_{l-1}
         else:
             m = logits
-        if zeroed is not None:
-            m = m.masked_fill(zeroed, 0.0)
+        if keep is not None:
+            m = m * keep
         if self.ea_conv is None:
             return m
 
@@ -600,6 +613,6 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         else:
             c = self.ea_conv(m, weight, bias)
         a = torch.lerp(m, c, ea.alpha)  # alpha C + (1-alpha) M
-        if zeroed is not None:
-            a = a.masked_fill(zeroed, 0.0)
+        if keep is not None:
+            a = a * keep
         return a
