@@ -63,11 +63,13 @@ def parse_log(path: Path) -> Dict:
     """Valid curve and stopping reason from a fairseq-train log (simple format).
 
     Returns {"curve": [{"epoch", "updates", "valid_loss", "valid_nll_loss", "wall_s"}...]
-    (one point per epoch; a resumed run's repeated epochs keep their last value),
+    (one point per epoch; a resumed run's repeated epochs keep their last value and its
+    wall time goes on from the checkpoint it resumed from),
     "stopped_by": "patience" | "cap"}.
     """
     valid: Dict[int, Dict] = {}
     walls: Dict[int, float] = {}
+    offset, last_wall = 0.0, 0.0
     stopped_by = "cap"
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -87,7 +89,14 @@ def parse_log(path: Path) -> Dict:
             if m:
                 fields = _fields(m.group(2))
                 if "wall" in fields:
-                    walls[int(m.group(1))] = float(fields["wall"])
+                    epoch, wall = int(m.group(1)), float(fields["wall"])
+                    if wall < last_wall:
+                        # fairseq's wall clock restarts with each process: a resumed run
+                        # continues from the epoch it resumed after (the time lost between
+                        # that checkpoint and the interruption is not counted)
+                        offset = walls.get(epoch - 1, offset + last_wall)
+                    last_wall = wall
+                    walls[epoch] = wall + offset
                 continue
             if _EARLY_STOP in line:
                 stopped_by = "patience"

@@ -139,6 +139,26 @@ def test_log_parser_reads_fairseqs_lines(tmp_path):
         quality_report.parse_log(log)
 
 
+def test_log_parser_continues_the_wall_clock_of_a_resumed_run(tmp_path):
+    """fairseq's wall meter restarts with each process: after a resume from epoch 2's
+    checkpoint, epoch 3 (wall 30 in the new process) lies at 88 + 30 s, and a repeated epoch
+    keeps its last value."""
+    resumed = LOG.split("2026-11-22 04:18:28")[0] + (
+        "epoch 003 | valid on 'valid' subset | loss 9.0 | nll_loss 8.9 | ppl 1 | wps 1 | wpb 1 | bsz 1 | num_updates 51\n"
+        "epoch 003 | loss 9.0 | nll_loss 9.0 | ppl 1 | wps 1 | ups 1 | wpb 1 | bsz 1 | num_updates 51 | train_wall 9 | wall 120\n"
+        # killed after epoch 3 but before its checkpoint: the new process redoes epoch 3
+        "epoch 003 | valid on 'valid' subset | loss 8.9 | nll_loss 8.8 | ppl 1 | wps 1 | wpb 1 | bsz 1 | num_updates 51\n"
+        "epoch 003 | loss 9.0 | nll_loss 9.0 | ppl 1 | wps 1 | ups 1 | wpb 1 | bsz 1 | num_updates 51 | train_wall 9 | wall 30\n"
+        "epoch 004 | valid on 'valid' subset | loss 8.8 | nll_loss 8.7 | ppl 1 | wps 1 | wpb 1 | bsz 1 | num_updates 68\n"
+        "epoch 004 | loss 8.9 | nll_loss 8.9 | ppl 1 | wps 1 | ups 1 | wpb 1 | bsz 1 | num_updates 68 | train_wall 9 | wall 61\n"
+    )
+    log = tmp_path / "train.log"
+    log.write_text(resumed)
+    curve = quality_report.parse_log(log)["curve"]
+    assert [(p["epoch"], p["valid_loss"], p["wall_s"]) for p in curve] == [
+        (1, 9.297, 42.0), (2, 9.4, 88.0), (3, 8.9, 118.0), (4, 8.8, 149.0)]
+
+
 def _settings_of_quality_sh():
     """The 'name|model|args' entries of benchmarks/quality.sh (both modes)."""
     import re
