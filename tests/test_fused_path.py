@@ -72,3 +72,39 @@ def test_fused_path_saves_at_most_one_map_per_evolving_layer():
     one_map_each = 4 * B * H * 2 * (S * S + T * T + T * S)
     assert fused - base <= one_map_each * 1.1, (base, plain, fused)
     assert fused < plain - one_map_each, (base, plain, fused)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_conv_with_split_backward_equals_conv2d(causal, kernel, dtype, tol):
+    """EAConv's backward (input and weight gradients asked for separately) gives
+    F.conv2d's output and gradients; a map without grad takes plain F.conv2d."""
+    import torch.nn.functional as F
+
+    from ea_fairseq.modules.evolving_attention import EAConv
+
+    torch.manual_seed(0)
+    conv = EAConv(4, kernel, causal, "linear", "kaiming").to(dtype)
+    m = torch.randn(3, 4, 7, 9, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 4, 7, 9, dtype=dtype)
+    out = conv(m)
+    out.backward(grad)
+    got = (out.detach(), m.grad, conv.conv.weight.grad, conv.conv.bias.grad)
+
+    r = kernel // 2
+    m_ref = m.detach().clone().requires_grad_()
+    w_ref = conv.conv.weight.detach().clone().requires_grad_()
+    b_ref = conv.conv.bias.detach().clone().requires_grad_()
+    x = F.pad(m_ref, (r, r, kernel - 1, 0)) if causal else F.pad(m_ref, (r, r, r, r))
+    ref = F.conv2d(x, w_ref, b_ref)
+    ref.backward(grad)
+    for a, b in zip(got, (ref.detach(), m_ref.grad, w_ref.grad, b_ref.grad)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+    # only the weights need a gradient (a first layer's map is a leaf without grad)
+    conv.zero_grad()
+    conv(m.detach()).backward(grad)
+    torch.testing.assert_close(conv.conv.weight.grad, w_ref.grad, rtol=tol, atol=tol * w_ref.grad.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(conv(m), ref.detach(), rtol=tol, atol=tol)
