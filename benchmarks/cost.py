@@ -317,31 +317,45 @@ def report(header: str, per_length: List[dict]) -> None:
         rows = block["results"]
         base = next((r for r in rows if r["variant"] == "vanilla"), None)
 
+        def ratios(r, key):
+            return [a / b for a, b in zip(r[key], base[key])] if base is not None else []
+
         def ratio(r, key):
-            if base is None or not r[key]:
-                return float("nan")
-            return statistics.median(a / b for a, b in zip(r[key], base[key]))
+            return _median(ratios(r, key))
+
+        def quartiles(r, key):
+            """The middle half of the per-repeat ratios: how far one run's median can be trusted."""
+            xs = ratios(r, key)
+            if len(xs) < 2:
+                return [float("nan"), float("nan")]
+            q = statistics.quantiles(xs, n=4, method="inclusive")
+            return [q[0], q[2]]
 
         gpu = "peak_mib" in rows[0]
         print(f"\nlength x{block['factor']}: batch {block['batch']}; decode {block['decode']}")
         print(f"{'variant':<18} {'params':>11} {'saved MiB':>10} {'x vanilla':>9}"
               + (f" {'peak MiB':>9} {'x vanilla':>9}" if gpu else "")
-              + f" {'update ms':>10} {'x vanilla':>9} {'decode ms':>10} {'x vanilla':>9}")
+              + f" {'update ms':>10} {'x vanilla':>9} {'(IQR)':>11} {'decode ms':>10} {'x vanilla':>9} {'(IQR)':>11}")
         for r in rows:
             r["update_ms"], r["decode_ms"] = _median(r["update_ms_all"]), _median(r["decode_ms_all"])
             r["update_ratio"], r["decode_ratio"] = ratio(r, "update_ms_all"), ratio(r, "decode_ms_all")
+            r["update_ratio_iqr"] = quartiles(r, "update_ms_all")
+            r["decode_ratio_iqr"] = quartiles(r, "decode_ms_all")
             r["saved_ratio"] = r["saved_mib"] / base["saved_mib"] if base else float("nan")
             line = f"{r['variant']:<18} {r['params']:>11,} {r['saved_mib']:>10.1f} {r['saved_ratio']:>9.3f}"
             if gpu:
                 r["peak_ratio"] = r["peak_mib"] / base["peak_mib"] if base else float("nan")
                 line += f" {r['peak_mib']:>9.1f} {r['peak_ratio']:>9.3f}"
-            line += (f" {r['update_ms']:>10.1f} {r['update_ratio']:>9.2f}"
-                     f" {r['decode_ms']:>10.1f} {r['decode_ratio']:>9.2f}")
+            iqr = {k: "{:.2f}-{:.2f}".format(*r[k + "_ratio_iqr"]) if r is not base else ""
+                   for k in ("update", "decode")}
+            line += (f" {r['update_ms']:>10.1f} {r['update_ratio']:>9.2f} {iqr['update']:>11}"
+                     f" {r['decode_ms']:>10.1f} {r['decode_ratio']:>9.2f} {iqr['decode']:>11}")
             print(line)
 
 
 def plot(per_length: List[dict], path: Path, header: str) -> None:
-    """Three panels against the length factor: update-time, decode-time and memory ratios."""
+    """Three panels against the length factor: update-time, decode-time and memory ratios
+    (time: the median ratio, with bars over the middle half of the per-repeat ratios)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -361,7 +375,12 @@ def plot(per_length: List[dict], path: Path, header: str) -> None:
             xs = [f for f, _ in points]
             ys = [r.get(key, float("nan")) for _, r in points]
             style = "--" if variant.endswith(":autograd") else "-"
-            ax.plot(xs, ys, style, marker="o", label=variant)
+            iqr = [r.get(key + "_iqr") for _, r in points]
+            if all(q is not None for q in iqr):  # time: the middle half of the per-repeat ratios
+                err = [[y - q[0] for y, q in zip(ys, iqr)], [q[1] - y for y, q in zip(ys, iqr)]]
+                ax.errorbar(xs, ys, yerr=err, fmt=style, marker="o", capsize=3, label=variant)
+            else:
+                ax.plot(xs, ys, style, marker="o", label=variant)
         ax.axhline(1.0, color="black", linewidth=0.8, label="vanilla")
         ax.set_xscale("log", base=2)
         ax.set_xticks([b["factor"] for b in per_length], [f"{b['factor']}x" for b in per_length])

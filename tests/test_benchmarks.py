@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from conftest import run
 from helpers import REPO
 from recipe_fixtures import SHARED
@@ -28,6 +30,12 @@ def test_cost_benchmark_runs_and_reports(tmp_path):
         assert rows["ea"]["saved_mib"] < rows["ea:autograd"]["saved_mib"]
         # EA adds one conv per layer after the first, and nothing else
         assert rows["ea"]["params"] > rows["vanilla"]["params"]
+        # time ratios: the median of the per-repeat ratios, inside their middle half
+        for key in ("update", "decode"):
+            per_repeat = [a / b for a, b in zip(rows["ea"][f"{key}_ms_all"], rows["vanilla"][f"{key}_ms_all"])]
+            low, high = rows["ea"][f"{key}_ratio_iqr"]
+            assert rows["ea"][f"{key}_ratio"] == pytest.approx(sorted(per_repeat)[0] / 2 + sorted(per_repeat)[1] / 2)
+            assert min(per_repeat) <= low <= rows["ea"][f"{key}_ratio"] <= high <= max(per_repeat)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # --report prints the same tables from the file
     again = run([sys.executable, REPO + "/benchmarks/cost.py", "--report", out], cwd=tmp_path).stdout
