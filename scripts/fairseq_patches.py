@@ -403,6 +403,22 @@ USABILITY_PATCHES = [
         "                        [\"{}-{}\".format(src, tgt) for src, tgt in alignment]\n"
         "                    )\n",
     ),
+    # --log-file: progress_bar() added a new FileHandler to its logger at every call
+    # (each epoch's training and validation), so epoch N's lines were written N times
+    # into the log file. Add one handler per file.
+    Patch(
+        "fairseq/logging/progress_bar.py",
+        "--log-file: one file handler, not one more per epoch (lines repeated N times at epoch N)",
+        "    if log_file is not None:\n"
+        "        handler = logging.FileHandler(filename=log_file)\n"
+        "        logger.addHandler(handler)\n",
+        "    if log_file is not None and not any(  # ea-fairseq patch: one handler per file\n"
+        "        isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(log_file)\n"
+        "        for h in logger.handlers\n"
+        "    ):\n"
+        "        handler = logging.FileHandler(filename=log_file)\n"
+        "        logger.addHandler(handler)\n",
+    ),
     # An unknown model (a plugin's checkpoint loaded without its --user-dir) hit an
     # f-string whose config text was then run through str.format: "IndexError:
     # Replacement index 1 out of range". Say what is missing instead.

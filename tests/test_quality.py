@@ -6,6 +6,7 @@ learning-curve PNG; a second call trains nothing; the log parser reads fairseq's
 import gzip
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -85,6 +86,15 @@ def test_results_file_is_well_formed(toy):
     # per-seed scores of the paired test are the runs' own
     assert vs["per_seed"][0]["bleu"]["system"] == pytest.approx(by_name["ea"]["runs"][0]["sacrebleu"], abs=0.011)
     assert "p BLEU" in proc.stdout and "ea " in proc.stdout
+
+
+def test_log_file_holds_each_line_once(toy):
+    """fairseq's --log-file (train.sh writes train.log) gets each epoch's lines once: fairseq
+    0.12.2 added another file handler at every epoch, repeating epoch N's lines N times."""
+    root, _, _ = toy
+    log = (root / "runs" / "ea" / "seed1" / "train.log").read_text()
+    valid = [line for line in log.splitlines() if "valid on 'valid' subset" in line]
+    assert [re.search(r"epoch (\d+) \| valid on", line).group(1) for line in valid] == ["001", "002"], valid
 
 
 def test_learning_curve_png(toy):
