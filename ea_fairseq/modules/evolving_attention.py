@@ -20,9 +20,10 @@ Memory and speed (training and full forward passes):
 * layer 1 of a stack computes its output with ``scaled_dot_product_attention``,
   fairseq's fused kernel, and hands on S_1 (one extra matmul);
 * layers l > 1 run ``_EvolvingAttentionFunction``: the forward keeps only q, k, v,
-  A_{l-1}, the conv weights, the (small, shared) masks and, with attention dropout,
-  a boolean dropout mask; the backward recomputes the cheap elementwise chain
-  (S, M, conv, A, softmax) instead of storing four (B, H, Tq, Tk) tensors.
+  A_{l-1}, the conv weights, the (small, shared) masks, with attention dropout a
+  boolean dropout mask, and A_l where the next layer keeps it anyway; its hand-written
+  backward gets P from A_l and recomputes M (for the conv's weight gradient) instead
+  of storing four (B, H, Tq, Tk) tensors, and does not run the conv forward again.
 ``impl = "autograd"`` (a module attribute) runs the same formulas with plain
 autograd instead: the reference the tests compare against, and the "before" of
 ``benchmarks/cost.py``.
@@ -69,12 +70,24 @@ class EASpec:
     has_conv: bool  # False in layer 1 of a stack (nothing to evolve from) or when alpha == 0
 
 
+def _conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: Tuple[int, int], need_x: bool,
+                     need_w: bool, need_b: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``F.conv2d(x, weight, bias, padding=padding)`` given ``grad``, the
+    input gradient and the weight / bias gradients asked for in two calls. For a conv
+    with as few channels as heads, oneDNN's joint backward on a CPU costs about twice the
+    two alone (4 heads, a 29 x 4 x 77 x 77 map, one thread: 16.5 ms against 3.7 + 4.2 ms);
+    elsewhere the two calls are what the joint one does."""
+    args = (grad.contiguous(), x, weight, [weight.size(0)], [1, 1], list(padding), [1, 1], False, [0, 0], 1)
+    d_x = d_w = d_b = None
+    if need_x:
+        d_x = torch.ops.aten.convolution_backward(*args, [True, False, False])[0]
+    if need_w or need_b:
+        _, d_w, d_b = torch.ops.aten.convolution_backward(*args, [False, need_w, need_b])
+    return d_x, d_w, d_b
+
+
 class _Conv2d(torch.autograd.Function):
-    """``F.conv2d(x, weight, bias, padding=padding)`` whose backward asks for the input
-    gradient and the weight / bias gradients in two calls. For a conv with as few channels
-    as heads, oneDNN's joint backward on a CPU costs about twice the two alone (4 heads,
-    a 29 x 4 x 77 x 77 map, one thread: 16.5 ms against 3.7 + 4.2 ms); elsewhere the two
-    calls are what the joint one does."""
+    """``F.conv2d(x, weight, bias, padding=padding)`` with ``_conv2d_backward``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, padding: Tuple[int, int]) -> Tensor:
@@ -85,15 +98,7 @@ class _Conv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        args = (grad.contiguous(), x, weight, [weight.size(0)], [1, 1], list(ctx.padding), [1, 1], False,
-                [0, 0], 1)
-        d_x = d_w = d_b = None
-        if need_x:
-            d_x = torch.ops.aten.convolution_backward(*args, [True, False, False])[0]
-        if need_w or need_b:
-            _, d_w, d_b = torch.ops.aten.convolution_backward(*args, [False, need_w, need_b])
-        return d_x, d_w, d_b, None
+        return (*_conv2d_backward(grad, x, weight, ctx.padding, *ctx.needs_input_grad[:3]), None)
 
 
 class EAConv(nn.Module):
@@ -119,23 +124,43 @@ class EAConv(nn.Module):
     def extra_repr(self) -> str:
         return f"causal={self.causal}, activation={self.activation}"
 
+    def _padded(self, m: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """The conv's input and padding: causal along queries puts k-1 zero rows on top
+        and none below, so that output row i covers input rows i-k+1..i."""
+        k, r = self.kernel_size, self.kernel_size // 2
+        if self.causal and k > 1:
+            return F.pad(m, (r, r, k - 1, 0)), (0, 0)
+        return m, (r, r)
+
     def forward(self, m: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
         """m: (B, H, Tq, Tk), zero at masked cells -> (B, H, Tq, Tk). ``weight`` /
-        ``bias`` stand in for the conv's own (the recomputation in backward passes them)."""
+        ``bias`` stand in for the conv's own (the attention Function passes them)."""
         weight = self.conv.weight if weight is None else weight
         bias = self.conv.bias if bias is None else bias
-        k, r = self.kernel_size, self.kernel_size // 2
         weight, bias = weight.to(m.dtype), bias.to(m.dtype)
-        if self.causal and k > 1:
-            # k-1 zero rows on top, none below: output row i covers input rows i-k+1..i
-            m, padding = F.pad(m, (r, r, k - 1, 0)), (0, 0)
-        else:
-            padding = (r, r)
+        x, padding = self._padded(m)
         if torch.is_grad_enabled() and (m.requires_grad or weight.requires_grad or bias.requires_grad):
-            out = _Conv2d.apply(m, weight, bias, padding)
+            out = _Conv2d.apply(x, weight, bias, padding)
         else:
-            out = F.conv2d(m, weight, bias, padding=padding)
+            out = F.conv2d(x, weight, bias, padding=padding)
         return self._act(out)
+
+    def backward(self, grad: Tensor, m: Tensor, weight: Tensor, bias: Tensor, need_m: bool, need_w: bool,
+                 need_b: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """Gradients of ``forward(m, weight, bias)`` given ``grad`` (B, H, Tq, Tk), for m,
+        weight and bias (None where not needed), without keeping a graph: the attention
+        Function's backward calls it with the map it recomputed."""
+        x, padding = self._padded(m)
+        w = weight.to(m.dtype)
+        if self.activation != "linear":  # through the activation, at the recomputed pre-activation
+            with torch.enable_grad():
+                pre = F.conv2d(x, w, bias.to(m.dtype), padding=padding).requires_grad_()
+                (grad,) = torch.autograd.grad(self._act(pre), pre, grad)
+        d_x, d_w, d_b = _conv2d_backward(grad, x, w, padding, need_m, need_w, need_b)
+        if d_x is not None and x is not m:  # the gradient of the padded input: cut the padding
+            k, r = self.kernel_size, self.kernel_size // 2
+            d_x = d_x[:, :, k - 1:, r:d_x.size(3) - r]
+        return d_x, None if d_w is None else d_w.to(weight.dtype), None if d_b is None else d_b.to(bias.dtype)
 
     def forward_window(self, window: Tensor) -> Tensor:
         """Incremental decoding: window (B, H, k-1+Tq, Tk) = the k-1 zero-masked rows
@@ -226,11 +251,13 @@ def _masked_softmax(a: Tensor, masks: EAMasks) -> Tensor:
 class _EvolvingAttentionFunction(torch.autograd.Function):
     """Layers l > 1 of a stack: (q, k, v, A_{l-1}, conv weights) -> (out, A_l, P_l).
 
-    Saves q, k, v, A_{l-1}, the conv weights, the masks and (with attention dropout)
-    the boolean keep-mask; the backward recomputes S, M, conv, A and P (all cheap next
-    to the projections) and back-propagates through them with autograd, so the exact
-    gradients of the plain computation come out without keeping its four
-    (B, H, Tq, Tk) intermediates.
+    Saves q, k, v, A_{l-1}, the conv weights, the masks, (with attention dropout) the
+    boolean keep-mask and, where the next layer keeps it anyway as its A_{l-1}
+    (``module.hands_on``), A_l itself. The backward is written out: P from A (one
+    softmax), M from q, k and A_{l-1} (the conv's weight gradient needs its input),
+    and the chain's gradients by hand, so neither the (B, H, Tq, Tk) intermediates of
+    the forward are kept nor the conv is run again (A_l is recomputed only in a
+    stack's last layer, whose map nobody keeps).
     """
 
     @staticmethod
@@ -245,39 +272,57 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
         out = torch.bmm(dropped.to(v.dtype).flatten(0, 1), v)  # (B*H, Tq, D)
         ctx.module = module
         # the mask inputs are fairseq's small masks, the same tensors in every layer
-        ctx.save_for_backward(q, k, v, prev, weight, bias, keep, *mask_inputs)
+        ctx.save_for_backward(q, k, v, prev, weight, bias, keep, a if module.hands_on else None, *mask_inputs)
         ctx.mark_non_differentiable(probs)
         ctx.set_materialize_grads(False)
         return out, a, probs
 
     @staticmethod
     def backward(ctx, d_out: Optional[Tensor], d_a: Optional[Tensor], _d_probs):
-        q, k, v, prev, weight, bias, keep, *mask_inputs = ctx.saved_tensors
-        module = ctx.module
+        q, k, v, prev, weight, bias, keep, a, *mask_inputs = ctx.saved_tensors
+        module, ea = ctx.module, ctx.module.ea
+        conv = module.ea_conv
         masks = module._build_masks(q, k, MaskInputs(*mask_inputs))
         needs = ctx.needs_input_grad  # (module, mask_inputs, q, k, v, prev, weight, bias)
-        # leaves of the recomputation: q, k, prev, weight, bias
-        leaves = [None if t is None else t.detach().requires_grad_(needs[i])
-                  for t, i in ((q, 2), (k, 3), (prev, 5), (weight, 6), (bias, 7))]
-        with torch.enable_grad():
-            a, probs = module._evolve_and_softmax(leaves[0], leaves[1], leaves[2], masks, None,
-                                                  leaves[3], leaves[4])
-            dropped = probs if keep is None else probs * keep / (1.0 - module.dropout_module.p)
-            dropped = dropped.to(v.dtype).flatten(0, 1)  # (B*H, Tq, Tk)
+        bsz = q.size(0) // module.num_heads
+        m = None  # M_l, the conv's input
+        if conv is not None or a is None:
+            m = module._mix(module._scores(q, k, bsz), prev, masks.keep)
         d_v = None
-        outputs, grads = [], []
+        d_map = d_a  # dL/dA_l: from the next layer, plus the softmax's below
         if d_out is not None:
+            if a is None:  # not kept: A_l from M_l, as the forward made it
+                a = m if conv is None else torch.lerp(m, conv(m, weight, bias), ea.alpha)
+                a = a if masks.keep is None or conv is None else a * masks.keep
+            probs = _masked_softmax(a, masks)  # (B, H, Tq, Tk), float32 or float64
             if needs[4]:
-                d_v = torch.bmm(dropped.detach().transpose(1, 2), d_out)  # (B*H, Tk, D)
-            outputs.append(dropped)
-            grads.append(torch.bmm(d_out, v.transpose(1, 2)))  # d(dropped): (B*H, Tq, Tk)
-        if d_a is not None:
-            outputs.append(a)
-            grads.append(d_a)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs and wanted else ())
-        d_q, d_k, d_prev, d_w, d_b = [next(got, None) if t is not None and t.requires_grad else None
-                                      for t in leaves]
+                dropped = probs if keep is None else probs * keep / (1.0 - module.dropout_module.p)
+                d_v = torch.bmm(dropped.to(v.dtype).flatten(0, 1).transpose(1, 2), d_out)  # (B*H, Tk, D)
+            d_probs = torch.bmm(d_out, v.transpose(1, 2)).view_as(probs).to(probs.dtype)
+            if keep is not None:
+                d_probs = d_probs * keep / (1.0 - module.dropout_module.p)
+            # rows of P that are all zero (no key to attend to) get a zero gradient, as they should
+            d_logits = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(a.dtype)
+            d_map = d_logits if d_map is None else d_logits.add_(d_map)
+        if d_map is None:
+            return (None,) * 8
+        if masks.keep is not None:
+            d_map = d_map * masks.keep  # A_l = lerp(M, C, alpha) * keep
+        d_w = d_b = None
+        if conv is None:
+            d_m = d_map
+        else:
+            d_m, d_w, d_b = conv.backward(d_map * ea.alpha, m, weight, bias, True, needs[6], needs[7])
+            d_m = d_m.add_(d_map, alpha=1.0 - ea.alpha) if ea.alpha < 1 else d_m
+        if masks.keep is not None:
+            d_m = d_m * masks.keep  # M_l = lerp(S, A_{l-1}, beta) * keep
+        d_prev = None
+        if prev is not None and ea.beta > 0:
+            d_prev = (d_m * ea.beta).to(prev.dtype) if needs[5] else None
+            d_m = d_m * (1.0 - ea.beta)
+        d_s = d_m.flatten(0, 1)  # (B*H, Tq, Tk)
+        d_q = torch.bmm(d_s, k) if needs[2] else None
+        d_k = torch.bmm(d_s.transpose(1, 2), q) if needs[3] else None
         return None, None, d_q, d_k, d_v, d_prev, d_w, d_b
 
 
@@ -366,6 +411,9 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             EAConv(num_heads, ea.kernel_size, ea.causal, ea.activation, ea.init) if ea.has_conv else None
         )
         self.impl = "fused"  # or "autograd": see the module docstring
+        # whether the next layer of the stack takes this layer's map (the model clears it
+        # in a stack's last layer, so that nobody keeps a map only this layer would need)
+        self.hands_on = True
         self._ea_link: Optional[EALink] = None
 
     def extra_repr(self) -> str:
@@ -616,17 +664,19 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         heads = self.num_heads
         return EAMasks.build(q.size(0) // heads, q.size(1), k.size(1), *inputs, dtype=q.dtype)
 
+    def _mix(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor]) -> Tensor:
+        """M_l = (1 - beta) S_l + beta A_{l-1}, zero where ``keep`` is 0 (S_l where there is
+        no previous map)."""
+        if prev is not None and self.ea.beta > 0:
+            logits = torch.lerp(logits, prev.to(logits.dtype), self.ea.beta)
+        return logits if keep is None else logits * keep
+
     def _evolve(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor],
                 incremental_state: IncrementalState, weight: Optional[Tensor] = None,
                 bias: Optional[Tensor] = None) -> Tensor:
         """S_l (B, H, Tq, Tk) -> A_l (same shape, zero where ``keep`` (EAMasks.keep) is 0)."""
         ea = self.ea
-        if prev is not None and ea.beta > 0:
-            m = torch.lerp(logits, prev.to(logits.dtype), ea.beta)  # (1-beta) S + beta A_{l-1}
-        else:
-            m = logits
-        if keep is not None:
-            m = m * keep
+        m = self._mix(logits, prev, keep)
         if self.ea_conv is None:
             return m
 
