@@ -187,12 +187,10 @@ class EAMasks(NamedTuple):
     """
 
     blocked: Optional[Tensor]  # bool (B|1, 1, Tq|1, Tk): excluded from the softmax
-    zeroed: Optional[Tensor]  # bool: blocked, or a padded query row: 0 in the map
     bias: Optional[Tensor]  # float (1, 1, Tq, Tk): a float attn_mask, added to the logits
-    empty_rows: Optional[Tensor]  # bool (B|1, 1, Tq|1, 1): every key blocked -> zero probabilities
-    keep: Optional[Tensor]  # map dtype, shaped as zeroed: 0 at zeroed cells, else 1
+    keep: Optional[Tensor]  # map dtype (B|1, 1, Tq|1, Tk|1): 0 where blocked or a padded query row, else 1
     logit_bias: Optional[Tensor]  # softmax dtype: bias, and finfo.min at blocked cells (finite)
-    row_keep: Optional[Tensor]  # softmax dtype, shaped as empty_rows: 0 for an empty row, else 1
+    row_keep: Optional[Tensor]  # softmax dtype (B|1, 1, Tq|1, 1): 0 where every key is blocked, else 1
 
     @staticmethod
     def build(bsz: int, tgt_len: int, src_len: int, key_padding_mask: Optional[Tensor],
@@ -233,7 +231,7 @@ class EAMasks(NamedTuple):
             low = torch.finfo(soft_dtype).min
             logit_bias = (blocked.to(soft_dtype) * low if logit_bias is None
                           else logit_bias.masked_fill(blocked, low))
-        return EAMasks(blocked, zeroed, bias, empty_rows, keep, logit_bias, row_keep)
+        return EAMasks(blocked, bias, keep, logit_bias, row_keep)
 
 
 def _masked_softmax(a: Tensor, masks: EAMasks) -> Tensor:
