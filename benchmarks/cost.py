@@ -16,6 +16,13 @@ Variants run interleaved, repeat after repeat, so that machine noise hits all
 alike. Each ratio is the median over repeats of (variant time / vanilla time in the
 same repeat), which cancels most of a noisy machine's drift.
 
+On a CPU the script runs with glibc's heap kept for reuse (``--heap keep``, the default:
+it restarts itself with GLIBC_TUNABLES set). Otherwise every tensor above glibc's mmap
+threshold is fresh memory from the kernel, and the page faults of one update (100,000 to
+400,000 on the 2-core VM of results/cost_cpu.json, 0.3 to 1.1 s of system time in an
+8 s update) vary more from repeat to repeat than EA costs. On a GPU, PyTorch's caching
+allocator does the same reuse.
+
 Variants ``ea:autograd`` / ``ea+cross:autograd`` run the same models through the
 plain-autograd attention path (``EvolvingMultiheadAttention.impl = "autograd"``: every
 intermediate map kept for backward, explicit attention in layer 1, cross-attention
@@ -166,6 +173,21 @@ def measure_memory(model, batch, pad, device) -> Dict[str, float]:
     return result
 
 
+# glibc keeps freed memory for reuse instead of returning it to the kernel (--heap keep)
+KEEP_HEAP_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+def keep_heap() -> None:
+    """Restart this script with KEEP_HEAP_TUNABLES in GLIBC_TUNABLES (once; glibc reads them
+    only at start-up). A no-op off Linux."""
+    if not sys.platform.startswith("linux") or KEEP_HEAP_TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), KEEP_HEAP_TUNABLES) if t)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)
+
+
 # the clock of the timings: wall time, or ("cpu") the CPU time of the calling thread,
 # which does not advance while other processes hold the cores (only with --threads 1)
 CLOCK = time.perf_counter
@@ -217,6 +239,10 @@ def main():
                     help="what the timings measure: 'wall' time, or 'cpu' time of the measuring thread, which "
                          "other processes on a busy machine do not inflate (CPU only, with --threads 1)")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ap.add_argument("--heap", choices=["keep", "system"], default="keep",
+                    help="on a CPU: 'keep', glibc keeps freed memory for reuse (restarts the script with "
+                         "GLIBC_TUNABLES set), so that page faults do not blur the timings; 'system', glibc's "
+                         "defaults (default: keep)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--plot", type=Path, metavar="PNG",
                     help="also draw time and memory ratios against the length factor (matplotlib)")
@@ -234,6 +260,8 @@ def main():
             plot(saved["lengths"], args.plot, saved["header"])
         return
 
+    if args.heap == "keep" and args.repeats and not args.device.startswith("cuda"):
+        keep_heap()
     import ea_fairseq  # noqa: F401  (registers the architectures)
 
     names = [v for v in args.variants.split(",") if v]
@@ -292,8 +320,9 @@ def main():
                          "decode_ms_all": [t * 1e3 for t in decode[n]]} for n in names],
         })
 
-    header = (f"device {device}, threads {torch.get_num_threads()}, {args.precision}, {args.clock} clock; "
-              f"{args.repeats} repeats; "
+    heap = "heap kept" if KEEP_HEAP_TUNABLES in os.environ.get("GLIBC_TUNABLES", "") else "system heap"
+    header = (f"device {device}, threads {torch.get_num_threads()}, {args.precision}, {args.clock} clock, "
+              f"{heap}; {args.repeats} repeats; "
               f"transformer_iwslt_de_en sizes; {args.order} batches")
     report(header, per_length)
     if args.json:

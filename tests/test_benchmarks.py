@@ -18,7 +18,8 @@ def test_cost_benchmark_runs_and_reports(tmp_path):
            "--clock", "cpu", "--workdir", tmp_path / "work", "--json", out, "--plot", png]
     table = run(cmd, cwd=tmp_path).stdout
     saved = json.loads(out.read_text())
-    assert "threads 1, fp32, cpu clock" in saved["header"]
+    # the script restarted itself with glibc's heap kept for reuse (--heap keep, the default)
+    assert "threads 1, fp32, cpu clock, heap kept" in saved["header"]
     assert [b["factor"] for b in saved["lengths"]] == [1, 2]
     for block in saved["lengths"]:
         rows = {r["variant"]: r for r in block["results"]}
