@@ -298,26 +298,32 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
                 d_v = torch.bmm(dropped.to(v.dtype).flatten(0, 1).transpose(1, 2), d_out)  # (B*H, Tk, D)
             d_probs = torch.bmm(d_out, v.transpose(1, 2)).view_as(probs).to(probs.dtype)
             if keep is not None:
-                d_probs = d_probs * keep / (1.0 - module.dropout_module.p)
+                d_probs = d_probs.mul_(keep).div_(1.0 - module.dropout_module.p)
             # rows of P that are all zero (no key to attend to) get a zero gradient, as they should
             d_logits = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(a.dtype)
             d_map = d_logits if d_map is None else d_logits.add_(d_map)
         if d_map is None:
             return (None,) * 8
-        if masks.keep is not None:
-            d_map = d_map * masks.keep  # A_l = lerp(M, C, alpha) * keep
+        keep_map = masks.keep
+
+        def times_keep(c: float):  # keep * c, a small broadcast tensor (or c alone)
+            return c if keep_map is None else keep_map * c
+
         d_w = d_b = None
-        if conv is None:
+        if conv is None:  # A_l = M_l
             d_m = d_map
-        else:
-            d_m, d_w, d_b = conv.backward(d_map * ea.alpha, m, weight, bias, True, needs[6], needs[7])
-            d_m = d_m.add_(d_map, alpha=1.0 - ea.alpha) if ea.alpha < 1 else d_m
-        if masks.keep is not None:
-            d_m = d_m * masks.keep  # M_l = lerp(S, A_{l-1}, beta) * keep
+        else:  # A_l = lerp(M_l, C_l, alpha) * keep
+            d_c = d_map * times_keep(ea.alpha)
+            d_m, d_w, d_b = conv.backward(d_c, m, weight, bias, True, needs[6], needs[7])
+            if ea.alpha < 1:
+                d_m = d_m.add_(d_c, alpha=(1.0 - ea.alpha) / ea.alpha)  # (1 - alpha) * keep * d_map
+        # M_l = lerp(S_l, A_{l-1}, beta) * keep
         d_prev = None
         if prev is not None and ea.beta > 0:
-            d_prev = (d_m * ea.beta).to(prev.dtype) if needs[5] else None
-            d_m = d_m * (1.0 - ea.beta)
+            d_prev = (d_m * times_keep(ea.beta)).to(prev.dtype) if needs[5] else None
+            d_m = d_m * times_keep(1.0 - ea.beta)
+        elif keep_map is not None:
+            d_m = d_m * keep_map
         d_s = d_m.flatten(0, 1)  # (B*H, Tq, Tk)
         d_q = torch.bmm(d_s, k) if needs[2] else None
         d_k = torch.bmm(d_s.transpose(1, 2), q) if needs[3] else None
