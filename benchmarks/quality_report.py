@@ -197,6 +197,7 @@ def plot(settings: List[Dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lowest = float("inf")
     for i, s in enumerate(settings):
         by_epoch: Dict[int, List[Dict]] = {}
         for r in s["runs"]:
@@ -205,24 +206,29 @@ def plot(settings: List[Dict], path: Path, title: str) -> None:
         epochs = sorted(by_epoch)
         if not epochs:
             continue
-        color = f"C{i % 10}"
+        # ten colours, then the same colours dashed, then dotted: no two settings look alike
+        color, style = f"C{i % 10}", ("-", "--", ":")[(i // 10) % 3]
         loss = [[p["valid_loss"] for p in by_epoch[e]] for e in epochs]
         mean = [statistics.mean(v) for v in loss]
         lo, hi = [min(v) for v in loss], [max(v) for v in loss]
         ups = [statistics.mean(p["updates"] for p in by_epoch[e]) for e in epochs]
         label = f"{s['setting']} ({len(s['runs'])} seed{'s' if len(s['runs']) > 1 else ''})"
-        axes[0].plot(ups, mean, color=color, label=label)
+        lowest = min(lowest, min(lo))
+        axes[0].plot(ups, mean, color=color, linestyle=style, label=label)
         axes[0].fill_between(ups, lo, hi, color=color, alpha=0.2, linewidth=0)
         walls = [[p["wall_s"] for p in by_epoch[e] if p["wall_s"] is not None] for e in epochs]
         keep = [j for j, w in enumerate(walls) if w]
         if keep:
             minutes = [statistics.mean(walls[j]) / 60 for j in keep]
-            axes[1].plot(minutes, [mean[j] for j in keep], color=color, label=label)
+            axes[1].plot(minutes, [mean[j] for j in keep], color=color, linestyle=style, label=label)
             axes[1].fill_between(minutes, [lo[j] for j in keep], [hi[j] for j in keep], color=color,
                                  alpha=0.2, linewidth=0)
     axes[0].set_xlabel("updates")
     axes[1].set_xlabel("wall time (minutes, mean over seeds)")
     for ax in axes:
+        if lowest < float("inf"):  # the first epochs' steep drop, which every setting shares, is cut
+            top = ax.get_ylim()[1]
+            ax.set_ylim(bottom=lowest - 0.1, top=min(top, lowest + 2.0))
         ax.set_ylabel("valid loss (label-smoothed CE, base 2)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
