@@ -19,6 +19,8 @@ CONFIGS = {
     "all-stacks-EA": EA_ALL,
     "k5-gelu": EA_ALL + ["--ea-kernel-size", "5", "--ea-activation", "gelu"],
     "k1": EA_ALL + ["--ea-kernel-size", "1"],
+    # the default (linear) activation: decoding steps take the folded matmul path
+    "linear-kaiming": ["--ea-cross-attn", "--ea-conv-init", "kaiming", "--ea-alpha", "0.7", "--ea-beta", "0.4"],
     "default-init": ["--ea-cross-attn"],
 }
 
@@ -38,7 +40,7 @@ def test_incremental_equals_full_forward(name):
         torch.testing.assert_close(inc[keep], full[keep], rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["self-attn-EA", "all-stacks-EA", "k5-gelu"])
+@pytest.mark.parametrize("name", ["self-attn-EA", "all-stacks-EA", "k5-gelu", "linear-kaiming"])
 def test_incremental_equals_full_forward_float32(name):
     model = build_model("ea_transformer", CONFIGS[name], dtype=torch.float32)
     d = model.encoder.dictionary

@@ -103,3 +103,43 @@ def test_stack_matches_the_formulas(causal, kernel):
         torch.testing.assert_close(out[real], w_out[real], rtol=0, atol=1e-12)
         torch.testing.assert_close(link.out, w_map, rtol=0, atol=1e-12)
         prev = link.out
+
+
+@pytest.mark.parametrize("activation", ["linear", "relu"])
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+@pytest.mark.parametrize("grows", [True, False], ids=["self", "cross"])
+@pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "conv2d"])
+def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, kernel, alpha, grows, matmul):
+    """EAConv.evolve_step, one row at a time with the rows it hands on (keys growing by
+    one per step as in self-attention, or fixed as in cross-attention), gives the rows of
+    lerp(M, act(causal conv(M)), alpha) over the whole map, written out with loops; by
+    its matmul (folded weights) and by its F.conv2d path."""
+    from ea_fairseq.modules.evolving_attention import EA_ACTIVATIONS, EAConv
+
+    torch.manual_seed(0)
+    B, H, T = 2, 3, 7
+    conv = EAConv(H, kernel, True, activation, "kaiming").double()
+    with torch.no_grad():
+        conv.conv.bias.normal_()
+    m = torch.randn(B, H, T, T, dtype=torch.float64)
+    if grows:
+        m = m.tril()  # future keys are zero in M
+    w, b, r = conv.conv.weight.detach(), conv.conv.bias.detach(), kernel // 2
+    want = torch.empty_like(m)
+    for i in range(T):
+        for j in range(T):
+            c = b.expand(B, H).clone()
+            for dy in range(kernel):
+                for dx in range(kernel):
+                    y, x = i - (kernel - 1) + dy, j - r + dx
+                    if 0 <= y < T and 0 <= x < T:
+                        c += m[:, :, y, x] @ w[:, :, dy, dx].T  # (B, H_in) -> (B, H_out)
+            want[:, :, i, j] = (1 - alpha) * m[:, :, i, j] + alpha * EA_ACTIVATIONS[activation](c)
+    rows, taps = None, conv.step_taps(torch.float64, alpha)
+    with torch.no_grad():
+        for i in range(T):
+            width = i + 1 if grows else T
+            got, rows = conv.evolve_step(rows, m[:, :, i:i + 1, :width], alpha, taps, matmul=matmul)
+            assert rows.shape == (B, H, kernel - 1, width)
+            torch.testing.assert_close(got, want[:, :, i:i + 1, :width], rtol=0, atol=1e-12)

@@ -24,9 +24,11 @@ Memory and speed (training and full forward passes):
   boolean dropout mask, and A_l where the next layer keeps it anyway; its hand-written
   backward gets P from A_l and recomputes M (for the conv's weight gradient) instead
   of storing four (B, H, Tq, Tk) tensors, and does not run the conv forward again.
+In incremental decoding, a step's new row of the causal conv is one small matmul
+(``EAConv.evolve_step``, with the residual around the conv folded into its weights).
 ``impl = "autograd"`` (a module attribute) runs the same formulas with plain
-autograd instead: the reference the tests compare against, and the "before" of
-``benchmarks/cost.py``.
+autograd and F.conv2d instead: the reference the tests compare against, and the
+"before" of ``benchmarks/cost.py``.
 
 Mask polarity follows fairseq: True / 1 = padding (excluded).
 """
@@ -162,11 +164,56 @@ class EAConv(nn.Module):
             d_x = d_x[:, :, k - 1:, r:d_x.size(3) - r]
         return d_x, None if d_w is None else d_w.to(weight.dtype), None if d_b is None else d_b.to(bias.dtype)
 
-    def forward_window(self, window: Tensor) -> Tensor:
-        """Incremental decoding: window (B, H, k-1+Tq, Tk) = the k-1 zero-masked rows
-        above the new rows, then the new rows. Returns the new rows' output (B, H, Tq, Tk)."""
-        w, b = self.conv.weight.to(window.dtype), self.conv.bias.to(window.dtype)
-        return self._act(F.conv2d(window, w, b, padding=(0, self.kernel_size // 2)))
+    def evolve_step(self, history: Optional[Tensor], m: Tensor, alpha: float,
+                    taps: Optional[Tuple[Tensor, Tensor]] = None, matmul: bool = True) -> Tuple[Tensor, Tensor]:
+        """Incremental decoding (causal conv): A = lerp(M, act(conv(M)), alpha) for the new
+        rows. ``history`` (B, H, k-1, Tk') holds the last k-1 zero-masked rows of M (None
+        before the first step; keys that came later are zero in them), ``m`` (B, H, Tq, Tk)
+        the new rows; ``taps``: ``step_taps(m.dtype, alpha)``, made once by the caller;
+        ``matmul=False`` runs F.conv2d over the window instead (the reference path).
+        Returns A's new rows (B, H, Tq, Tk), not yet masked, and the rows to keep for the
+        next step (B, H, k-1, Tk).
+
+        One new row (Tq = 1, each beam-search step) is one small matmul: the kx taps of
+        each output channel as rows, applied to the (channel, row) pairs of the window,
+        then summed along keys with the taps' shifts; with a linear activation, the
+        residual around the conv is folded into the taps (``step_taps``). oneDNN's
+        convolution, with the lerp, takes about 2.3 times as long on a CPU for these
+        shapes (40 hypotheses, 4 heads, 60 keys: 269 against 116 us a call), and builds
+        a new primitive for every key length."""
+        bsz, heads, tgt_len, src_len = m.shape
+        k, r = self.kernel_size, self.kernel_size // 2
+        width = src_len + 2 * r
+        window = m.new_zeros(bsz, heads, k - 1 + tgt_len, width)  # zero-padded along keys
+        if history is not None:
+            window[:, :, : k - 1, r: r + history.size(-1)] = history
+        window[:, :, k - 1:, r: r + src_len] = m
+        kept = window[:, :, tgt_len:, r: r + src_len]
+        weight = self.conv.weight
+        if (not matmul or tgt_len > 1 or self.activation != "linear"
+                or (torch.is_grad_enabled() and (weight.requires_grad or m.requires_grad))):
+            c = self._act(F.conv2d(window, weight.to(m.dtype), self.conv.bias.to(m.dtype)))
+            return torch.lerp(m, c, alpha), kept
+        taps, bias = self.step_taps(m.dtype, alpha) if taps is None else taps
+        z = torch.matmul(taps, window.view(bsz, heads * k, width)).contiguous()  # (B, kx*H, width)
+        # out[b, o, t] = sum over dx of z[b, dx*H + o, t + dx]
+        out = z.as_strided((bsz, heads, 1, src_len, k), (k * heads * width, width, 0, 1, heads * width + 1))
+        return out.sum(-1).add_(bias), kept
+
+    def step_taps(self, dtype: torch.dtype, alpha: float) -> Tuple[Tensor, Tensor]:
+        """The conv's weights as evolve_step's matmul takes them, (kx*H, H*ky), with
+        alpha and the residual (1 - alpha) M folded in (linear activation), and the bias
+        (1, H, 1, 1) times alpha. The attention module makes them once per incremental
+        state (the weights do not change while a batch is decoded)."""
+        weight, bias = self.conv.weight, self.conv.bias
+        k, heads = self.kernel_size, weight.size(0)
+        wide = torch.promote_types(weight.dtype, torch.float32)  # folded in at least float32
+        with torch.no_grad():
+            w = weight.to(wide) * alpha
+            # the current row (the last of the causal window), centred key: M itself
+            w[:, :, k - 1, k // 2] += (1.0 - alpha) * torch.eye(heads, dtype=wide, device=w.device)
+            taps = w.permute(3, 0, 1, 2).reshape(k * heads, heads * k).to(dtype)
+            return taps, (bias.to(wide) * alpha).to(dtype).view(1, heads, 1, 1)
 
 
 class MaskInputs(NamedTuple):
@@ -378,11 +425,13 @@ class EALink:
     def __enter__(self) -> "EALink":
         if self.module._ea_link is not None:
             raise RuntimeError("evolving attention module entered twice (re-entrant layer call?)")
-        self.module._ea_link = self
+        # straight into __dict__: nn.Module.__setattr__ checks for parameters and modules
+        # first, which costs more than the rest of a decoding step's bookkeeping
+        self.module.__dict__["_ea_link"] = self
         return self
 
     def __exit__(self, *exc) -> None:
-        self.module._ea_link = None
+        self.module.__dict__["_ea_link"] = None
 
 
 class EvolvingMultiheadAttention(MultiheadAttention):
@@ -391,8 +440,9 @@ class EvolvingMultiheadAttention(MultiheadAttention):
     Supports self-attention and encoder-decoder attention, key padding, a 2-D
     ``attn_mask`` (bool, or float: masked at <= -1e4 / -inf, other values added to
     the logits), incremental decoding and beam search. The incremental state keeps,
-    besides fairseq's keys and values, the last k-1 zero-masked rows of M under this
-    module's own key ("ea_state"). In beam search, cross-attention keys and values are
+    besides fairseq's keys and values, the last k-1 zero-masked rows of M and the
+    conv's weights as one decoding step takes them under this module's own key
+    ("ea_state"). In beam search, cross-attention keys and values are
     computed and kept once per sentence (fairseq's ``set_beam_size`` shortcut) while
     the EA rows stay per hypothesis; a reorder that moves a hypothesis to another
     sentence gives each hypothesis its own copy, so any order stays exact.
@@ -428,10 +478,6 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         return EALink(self, prev, query_padding_mask)
 
     # -- incremental state -------------------------------------------------------------
-    def _get_ea_history(self, incremental_state) -> Optional[Tensor]:
-        buf = self.get_incremental_state(incremental_state, "ea_state")
-        return None if buf is None else buf.get("rows")
-
     def _shares_kv(self) -> bool:
         return self.encoder_decoder_attention and self.beam_size > 1 and self.impl == "fused"
 
@@ -459,7 +505,8 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         Per-hypothesis entries (keys/values of self-attention, EA rows) are reordered.
         Cross-attention keys/values kept once per sentence ("shared_*") follow the
         sentences when every hypothesis stays within its sentence, as in beam search;
-        otherwise each hypothesis gets its own copy from then on.
+        otherwise each hypothesis gets its own copy from then on. The conv's step weights
+        ("static_*") are the same for all and stay as they are.
         """
         for key in ("attn_state", "ea_state"):
             buf = self.get_incremental_state(incremental_state, key)
@@ -483,7 +530,9 @@ class EvolvingMultiheadAttention(MultiheadAttention):
                     for name in shared:  # un-share: one copy per hypothesis from now on
                         reordered["prev_" + name[len("shared_"):]] = buf[name].index_select(0, sent_of)
             for name, value in buf.items():
-                if not name.startswith("shared_"):
+                if name.startswith("static_"):  # the same for every hypothesis
+                    reordered[name] = value
+                elif not name.startswith("shared_"):
                     reordered[name] = None if value is None else value.index_select(0, new_order)
             buf = reordered
             incremental_state = self.set_incremental_state(incremental_state, key, buf)
@@ -686,19 +735,16 @@ class EvolvingMultiheadAttention(MultiheadAttention):
 
         k = ea.kernel_size
         if incremental_state is not None and ea.causal and k > 1:
-            bsz, heads, _, src_len = m.shape
-            history = self._get_ea_history(incremental_state)  # (B, H, k-1, Tk')
-            if history is None:
-                history = m.new_zeros(bsz, heads, k - 1, src_len)  # above the first row
-            elif history.size(-1) < src_len:
-                # keys that were in the future when those rows were made: zeros
-                history = F.pad(history, (0, src_len - history.size(-1)))
-            window = torch.cat([history, m], dim=2)  # (B, H, k-1+Tq, Tk)
-            self.set_incremental_state(incremental_state, "ea_state", {"rows": window[:, :, -(k - 1):]})
-            c = self.ea_conv.forward_window(window)
+            buf = self.get_incremental_state(incremental_state, "ea_state") or {}
+            taps = buf.get("static_taps"), buf.get("static_bias")
+            if taps[0] is None:
+                taps = self.ea_conv.step_taps(m.dtype, ea.alpha)
+            # rows: (B, H, k-1, Tk') or None (zero rows above the first one)
+            a, kept = self.ea_conv.evolve_step(buf.get("rows"), m, ea.alpha, taps, matmul=self.impl == "fused")
+            self.set_incremental_state(incremental_state, "ea_state",
+                                       {"rows": kept, "static_taps": taps[0], "static_bias": taps[1]})
         else:
-            c = self.ea_conv(m, weight, bias)
-        a = torch.lerp(m, c, ea.alpha)  # alpha C + (1-alpha) M
+            a = torch.lerp(m, self.ea_conv(m, weight, bias), ea.alpha)  # alpha C + (1-alpha) M
         if keep is not None:
             a = a * keep
         return a
