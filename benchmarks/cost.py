@@ -13,7 +13,8 @@ sentence repeated f times):
     steps (min_len = max_len) so that every variant decodes the same length
     (``--decode-sentences / f`` sentences, ``--decode-steps * f`` steps).
 Variants run interleaved, repeat after repeat, so that machine noise hits all
-alike. Each ratio is the median over repeats of (variant time / vanilla time in the
+alike; their order turns around from one repeat to the next, so that a drift of the
+machine's speed within a repeat favours none. Each ratio is the median over repeats of (variant time / vanilla time in the
 same repeat), which cancels most of a noisy machine's drift.
 
 On a CPU the script runs with glibc's heap kept for reuse (``--heap keep``, the default:
@@ -304,7 +305,7 @@ def main():
         update = {n: [] for n in names}
         decode = {n: [] for n in names}
         for rep in range(args.repeats + 1 if args.repeats else 0):  # repeat 0 is a warm-up
-            for n in names:
+            for n in names if rep % 2 else names[::-1]:
                 tu = time_update(models[n], opts[n], batch, d.pad(), device)
                 td = time_decode(models[n], d, sample, steps, device)
                 if rep:
