@@ -43,6 +43,30 @@ def test_cost_benchmark_runs_and_reports(tmp_path):
     assert again.strip() in table
 
 
+def test_decoder_steps_benchmark_runs_and_reports(tmp_path):
+    cmd = [sys.executable, REPO + "/benchmarks/decoder_steps.py", "--data", SHARED / "iwslt14" / "fairseq_bpe10k",
+           "--variants", "vanilla,ea:autograd,ea+cross", "--lengths", "1,2", "--decode-sentences", "2",
+           "--decode-steps", "3", "--repeats", "2", "--threads", "1", "--clock", "cpu", "--workdir", tmp_path / "work"]
+    table = run(cmd, cwd=tmp_path).stdout
+    assert "threads 1, cpu clock, heap kept; 2 repeats" in table
+    assert "length x1: 2 sentences x beam 5 x 3 steps" in table
+    assert "length x2: 1 sentences x beam 5 x 6 steps" in table
+    rows = [line.split() for line in table.splitlines() if line.split()[:1] in (["vanilla"], ["ea:autograd"], ["ea+cross"])]
+    assert len(rows) == 6
+    for name, ms, ratio, *per_repeat in rows:
+        assert float(ms) > 0 and len(per_repeat) == 2
+        assert float(ratio) == pytest.approx(sum(map(float, per_repeat)) / 2, abs=1e-3)
+        if name == "vanilla":
+            assert ratio == "1.000"
+
+
+def test_decoder_steps_benchmark_wants_vanilla_first(tmp_path):
+    proc = __import__("subprocess").run(
+        [sys.executable, REPO + "/benchmarks/decoder_steps.py", "--variants", "ea,vanilla", "--workdir", tmp_path],
+        capture_output=True, text=True)
+    assert proc.returncode != 0 and "vanilla first" in proc.stderr
+
+
 def test_cost_benchmark_rejects_bad_lengths(tmp_path):
     proc = __import__("subprocess").run(
         [sys.executable, REPO + "/benchmarks/cost.py", "--lengths", "0,x", "--workdir", tmp_path],
