@@ -14,8 +14,9 @@ sentence repeated f times):
     (``--decode-sentences / f`` sentences, ``--decode-steps * f`` steps).
 Variants run interleaved, repeat after repeat, so that machine noise hits all
 alike; their order turns around from one repeat to the next, so that a drift of the
-machine's speed within a repeat favours none. Each ratio is the median over repeats of (variant time / vanilla time in the
-same repeat), which cancels most of a noisy machine's drift.
+machine's speed within a repeat favours none. Each ratio is the median over repeats
+of (variant time / vanilla time in the same repeat), which cancels most of a noisy
+machine's drift.
 
 On a CPU the script runs with glibc's heap kept for reuse (``--heap keep``, the default:
 it restarts itself with GLIBC_TUNABLES set). Otherwise every tensor above glibc's mmap

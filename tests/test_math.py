@@ -136,10 +136,12 @@ def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, ker
                     if 0 <= y < T and 0 <= x < T:
                         c += m[:, :, y, x] @ w[:, :, dy, dx].T  # (B, H_in) -> (B, H_out)
             want[:, :, i, j] = (1 - alpha) * m[:, :, i, j] + alpha * EA_ACTIVATIONS[activation](c)
-    rows, taps = None, conv.step_taps(torch.float64, alpha)
+    rows = taps = None
     with torch.no_grad():
         for i in range(T):
             width = i + 1 if grows else T
-            got, rows = conv.evolve_step(rows, m[:, :, i:i + 1, :width], alpha, taps, matmul=matmul)
+            got, rows, taps = conv.evolve_step(rows, m[:, :, i:i + 1, :width], alpha, taps, matmul=matmul)
+            # the folded weights come back for the next step exactly where the matmul ran
+            assert (taps is not None) == (matmul and activation == "linear")
             assert rows.shape == (B, H, kernel - 1, width)
             torch.testing.assert_close(got, want[:, :, i:i + 1, :width], rtol=0, atol=1e-12)

@@ -165,14 +165,16 @@ class EAConv(nn.Module):
         return d_x, None if d_w is None else d_w.to(weight.dtype), None if d_b is None else d_b.to(bias.dtype)
 
     def evolve_step(self, history: Optional[Tensor], m: Tensor, alpha: float,
-                    taps: Optional[Tuple[Tensor, Tensor]] = None, matmul: bool = True) -> Tuple[Tensor, Tensor]:
+                    taps: Optional[Tuple[Tensor, Tensor]] = None,
+                    matmul: bool = True) -> Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor]]]:
         """Incremental decoding (causal conv): A = lerp(M, act(conv(M)), alpha) for the new
         rows. ``history`` (B, H, k-1, Tk') holds the last k-1 zero-masked rows of M (None
         before the first step; keys that came later are zero in them), ``m`` (B, H, Tq, Tk)
-        the new rows; ``taps``: ``step_taps(m.dtype, alpha)``, made once by the caller;
-        ``matmul=False`` runs F.conv2d over the window instead (the reference path).
-        Returns A's new rows (B, H, Tq, Tk), not yet masked, and the rows to keep for the
-        next step (B, H, k-1, Tk).
+        the new rows; ``taps``: what an earlier step of the same batch returned (None:
+        make them); ``matmul=False`` runs F.conv2d over the window instead (the reference
+        path). Returns A's new rows (B, H, Tq, Tk), not yet masked, the rows to keep for
+        the next step (B, H, k-1, Tk), and the taps to pass to the next step (None where
+        the F.conv2d path ran).
 
         One new row (Tq = 1, each beam-search step) is one small matmul: the kx taps of
         each output channel as rows, applied to the (channel, row) pairs of the window,
@@ -193,18 +195,18 @@ class EAConv(nn.Module):
         if (not matmul or tgt_len > 1 or self.activation != "linear"
                 or (torch.is_grad_enabled() and (weight.requires_grad or m.requires_grad))):
             c = self._act(F.conv2d(window, weight.to(m.dtype), self.conv.bias.to(m.dtype)))
-            return torch.lerp(m, c, alpha), kept
-        taps, bias = self.step_taps(m.dtype, alpha) if taps is None else taps
-        z = torch.matmul(taps, window.view(bsz, heads * k, width)).contiguous()  # (B, kx*H, width)
+            return torch.lerp(m, c, alpha), kept, None
+        taps = self.step_taps(m.dtype, alpha) if taps is None else taps
+        z = torch.matmul(taps[0], window.view(bsz, heads * k, width)).contiguous()  # (B, kx*H, width)
         # out[b, o, t] = sum over dx of z[b, dx*H + o, t + dx]
         out = z.as_strided((bsz, heads, 1, src_len, k), (k * heads * width, width, 0, 1, heads * width + 1))
-        return out.sum(-1).add_(bias), kept
+        return out.sum(-1).add_(taps[1]), kept, taps
 
     def step_taps(self, dtype: torch.dtype, alpha: float) -> Tuple[Tensor, Tensor]:
         """The conv's weights as evolve_step's matmul takes them, (kx*H, H*ky), with
         alpha and the residual (1 - alpha) M folded in (linear activation), and the bias
-        (1, H, 1, 1) times alpha. The attention module makes them once per incremental
-        state (the weights do not change while a batch is decoded)."""
+        (1, H, 1, 1) times alpha. Made once per incremental state: the weights do not
+        change while a batch is decoded."""
         weight, bias = self.conv.weight, self.conv.bias
         k, heads = self.kernel_size, weight.size(0)
         wide = torch.promote_types(weight.dtype, torch.float32)  # folded in at least float32
@@ -736,13 +738,14 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         k = ea.kernel_size
         if incremental_state is not None and ea.causal and k > 1:
             buf = self.get_incremental_state(incremental_state, "ea_state") or {}
-            taps = buf.get("static_taps"), buf.get("static_bias")
-            if taps[0] is None:
-                taps = self.ea_conv.step_taps(m.dtype, ea.alpha)
+            taps = (buf["static_taps"], buf["static_bias"]) if "static_taps" in buf else None
             # rows: (B, H, k-1, Tk') or None (zero rows above the first one)
-            a, kept = self.ea_conv.evolve_step(buf.get("rows"), m, ea.alpha, taps, matmul=self.impl == "fused")
-            self.set_incremental_state(incremental_state, "ea_state",
-                                       {"rows": kept, "static_taps": taps[0], "static_bias": taps[1]})
+            a, kept, taps = self.ea_conv.evolve_step(buf.get("rows"), m, ea.alpha, taps,
+                                                     matmul=self.impl == "fused")
+            state: Dict[str, Optional[Tensor]] = {"rows": kept}
+            if taps is not None:
+                state["static_taps"], state["static_bias"] = taps
+            self.set_incremental_state(incremental_state, "ea_state", state)
         else:
             a = torch.lerp(m, self.ea_conv(m, weight, bias), ea.alpha)  # alpha C + (1-alpha) M
         if keep is not None:
