@@ -39,15 +39,6 @@ def _wrap_layer(layer, cfg):
     return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
 
 
-def _last_layer_hands_on_no_map(layers) -> None:
-    """The attention modules of a stack's last layer hand their map to no one: they need
-    not keep it for backward (EvolvingMultiheadAttention.hands_on)."""
-    if len(layers) > 0:
-        for module in layers[-1].modules():
-            if isinstance(module, EvolvingMultiheadAttention):
-                module.hands_on = False
-
-
 def _show_ea_defaults_in_help(parser) -> None:
     """Append "(default: ...)" to the --help text of the non-boolean --ea-* options
     (their parser defaults are deleted: the architecture fills them in)."""
@@ -65,7 +56,6 @@ class EATransformerEncoder(TransformerEncoderBase):
         self.ea_cfg = ea
         self._layers_built = 0  # build_encoder_layer is called once per layer, in order
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
-        _last_layer_hands_on_no_map(self.layers)
         # state-dict format of the EA weights (see ea_checkpoint.py)
         self.register_buffer("ea_version", torch.tensor([float(EA_STATE_VERSION)]))
 
@@ -149,7 +139,6 @@ class EATransformerDecoder(TransformerDecoderBase):
         self._layers_built = 0  # build_decoder_layer is called once per layer, in order
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
                          output_projection=output_projection)
-        _last_layer_hands_on_no_map(self.layers)
         self.register_buffer("ea_version", torch.tensor([float(EA_STATE_VERSION)]))
 
     def upgrade_state_dict_named(self, state_dict, name):

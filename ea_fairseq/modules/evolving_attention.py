@@ -19,11 +19,11 @@ centred. See ../shared/design/evolving-attention.md.
 Memory and speed (training and full forward passes):
 * layer 1 of a stack computes its output with ``scaled_dot_product_attention``,
   fairseq's fused kernel, and hands on S_1 (one extra matmul);
-* layers l > 1 run ``_EvolvingAttentionFunction``: the forward keeps only q, k, v,
-  A_{l-1}, the conv weights, the (small, shared) masks, with attention dropout a
-  boolean dropout mask, and A_l where the next layer keeps it anyway; its hand-written
-  backward gets P from A_l and recomputes M (for the conv's weight gradient) instead
-  of storing four (B, H, Tq, Tk) tensors, and does not run the conv forward again.
+* layers l > 1 run ``_EvolvingAttentionFunction``: the forward keeps q, k, v, two
+  (B, H, Tq, Tk) maps (the conv's input M_l and, in float32, P_l; in half precision
+  A_l instead of P_l), the conv weights, the (small, shared) masks and, with attention
+  dropout, a boolean dropout mask. Its hand-written backward runs neither q k^T nor
+  the conv forward again, and no layer keeps the map it hands on.
 In incremental decoding, a step's new row of the causal conv is one small matmul
 (``EAConv.evolve_step``, with the residual around the conv folded into its weights).
 ``impl = "autograd"`` (a module attribute) runs the same formulas with plain
@@ -72,14 +72,14 @@ class EASpec:
     has_conv: bool  # False in layer 1 of a stack (nothing to evolve from) or when alpha == 0
 
 
-def _conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: Tuple[int, int], need_x: bool,
-                     need_w: bool, need_b: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients of ``F.conv2d(x, weight, bias, padding=padding)`` given ``grad``, the
-    input gradient and the weight / bias gradients asked for in two calls. For a conv
-    with as few channels as heads, oneDNN's joint backward on a CPU costs about twice the
-    two alone (4 heads, a 29 x 4 x 77 x 77 map, one thread: 16.5 ms against 3.7 + 4.2 ms);
-    elsewhere the two calls are what the joint one does."""
-    args = (grad.contiguous(), x, weight, [weight.size(0)], [1, 1], list(padding), [1, 1], False, [0, 0], 1)
+def _conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool,
+                     need_b: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``F.conv2d(x, weight, bias)`` given ``grad``, the input gradient and
+    the weight / bias gradients asked for in two calls. For a conv with as few channels
+    as heads, oneDNN's joint backward on a CPU costs about twice the two alone (4 heads,
+    a 29 x 4 x 77 x 77 map, one thread: 16.5 ms against 3.7 + 4.2 ms); elsewhere the two
+    calls are what the joint one does."""
+    args = (grad.contiguous(), x, weight, [weight.size(0)], [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
     d_x = d_w = d_b = None
     if need_x:
         d_x = torch.ops.aten.convolution_backward(*args, [True, False, False])[0]
@@ -89,18 +89,17 @@ def _conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: Tuple[int
 
 
 class _Conv2d(torch.autograd.Function):
-    """``F.conv2d(x, weight, bias, padding=padding)`` with ``_conv2d_backward``."""
+    """``F.conv2d(x, weight, bias)`` with ``_conv2d_backward`` (the plain-autograd path)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, padding: Tuple[int, int]) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        return F.conv2d(x, weight, bias, padding=padding)
+        return F.conv2d(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        return (*_conv2d_backward(grad, x, weight, ctx.padding, *ctx.needs_input_grad[:3]), None)
+        return _conv2d_backward(grad, x, weight, *ctx.needs_input_grad[:3])
 
 
 class EAConv(nn.Module):
@@ -126,43 +125,68 @@ class EAConv(nn.Module):
     def extra_repr(self) -> str:
         return f"causal={self.causal}, activation={self.activation}"
 
-    def _padded(self, m: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        """The conv's input and padding: causal along queries puts k-1 zero rows on top
-        and none below, so that output row i covers input rows i-k+1..i."""
+    def _rows_padding(self) -> Tuple[int, int]:
+        """Zero rows above and below the map: causal along queries puts k-1 on top and
+        none below, so that output row i covers input rows i-k+1..i; else k//2 each."""
         k, r = self.kernel_size, self.kernel_size // 2
-        if self.causal and k > 1:
-            return F.pad(m, (r, r, k - 1, 0)), (0, 0)
-        return m, (r, r)
+        return (k - 1, 0) if self.causal else (r, r)
 
-    def forward(self, m: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-        """m: (B, H, Tq, Tk), zero at masked cells -> (B, H, Tq, Tk). ``weight`` /
-        ``bias`` stand in for the conv's own (the attention Function passes them)."""
-        weight = self.conv.weight if weight is None else weight
-        bias = self.conv.bias if bias is None else bias
-        weight, bias = weight.to(m.dtype), bias.to(m.dtype)
-        x, padding = self._padded(m)
+    def padded(self, m: Tensor) -> Tensor:
+        """The conv's input: m (B, H, Tq, Tk) with its zero padding, (B, H, Tq+k-1, Tk+k-1)."""
+        r = self.kernel_size // 2
+        return F.pad(m, (r, r, *self._rows_padding()))
+
+    def forward(self, m: Tensor) -> Tensor:
+        """m: (B, H, Tq, Tk), zero at masked cells -> (B, H, Tq, Tk)."""
+        weight, bias = self.conv.weight, self.conv.bias
+        x = self.padded(m)
         if torch.is_grad_enabled() and (m.requires_grad or weight.requires_grad or bias.requires_grad):
-            out = _Conv2d.apply(x, weight, bias, padding)
-        else:
-            out = F.conv2d(x, weight, bias, padding=padding)
-        return self._act(out)
+            return self._act(_Conv2d.apply(x, weight.to(m.dtype), bias.to(m.dtype)))
+        return self.conv_padded(x, weight, bias)
 
-    def backward(self, grad: Tensor, m: Tensor, weight: Tensor, bias: Tensor, need_m: bool, need_w: bool,
+    def conv_padded(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """``forward`` from the conv's input as ``padded`` made it (no autograd graph)."""
+        return self._act(F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype)))
+
+    def backward(self, grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, need_m: bool, need_w: bool,
                  need_b: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-        """Gradients of ``forward(m, weight, bias)`` given ``grad`` (B, H, Tq, Tk), for m,
-        weight and bias (None where not needed), without keeping a graph: the attention
-        Function's backward calls it with the map it recomputed."""
-        x, padding = self._padded(m)
-        w = weight.to(m.dtype)
+        """Gradients of ``forward(m)`` with the given weight and bias, given ``grad``
+        (B, H, Tq, Tk), for m, weight and bias (None where not needed), without keeping a
+        graph. ``x`` is the conv's input, ``padded(m)`` (the attention Function keeps it).
+
+        Both gradients come from the output gradient padded the other way round (along
+        queries, the rows the forward puts on top go below): the input gradient is the
+        conv of that with the taps flipped and in- and out-channels swapped, and the
+        weight gradient is one product per tap of it with x shifted by the tap, both
+        read in place on the padded grid. On a CPU, for these 4-channel maps, oneDNN's
+        own backward convs take about 1.4 times as long each (29 x 4 x 73 x 77, one
+        thread: input 5.4 against 4.0 ms, weights 6.0 against 4.3 ms)."""
+        k, r = self.kernel_size, self.kernel_size // 2
+        top, bottom = self._rows_padding()
+        w = weight.to(x.dtype)
         if self.activation != "linear":  # through the activation, at the recomputed pre-activation
             with torch.enable_grad():
-                pre = F.conv2d(x, w, bias.to(m.dtype), padding=padding).requires_grad_()
+                pre = F.conv2d(x, w, bias.to(x.dtype)).requires_grad_()
                 (grad,) = torch.autograd.grad(self._act(pre), pre, grad)
-        d_x, d_w, d_b = _conv2d_backward(grad, x, w, padding, need_m, need_w, need_b)
-        if d_x is not None and x is not m:  # the gradient of the padded input: cut the padding
-            k, r = self.kernel_size, self.kernel_size // 2
-            d_x = d_x[:, :, k - 1:, r:d_x.size(3) - r]
-        return d_x, None if d_w is None else d_w.to(weight.dtype), None if d_b is None else d_b.to(bias.dtype)
+        g = F.pad(grad, (r, r, bottom, top))  # the shape of x
+        d_m = F.conv2d(g, w.flip(2, 3).transpose(0, 1)) if need_m else None
+        d_w = d_b = None
+        if need_w:
+            bsz, heads, rows, width = x.shape
+            # out[t, s] = sum over taps of w[dy, dx] x[t + dy, s + dx], flattened along
+            # (row, key): g's cell (t, s) sits at start + t*width + s, x's (t+dy, s+dx) at
+            # off + t*width + s. The last 2r cells of the span are g's zero padding.
+            n = (rows - k + 1) * width - 2 * r
+            start = bottom * width + r
+            g_flat = g.view(bsz, heads, rows * width)[:, :, start: start + n]
+            x_flat = x.reshape(bsz, heads, rows * width)
+            taps = [torch.bmm(g_flat, x_flat[:, :, dy * width + dx: dy * width + dx + n].transpose(1, 2))
+                    for dy in range(k) for dx in range(k)]  # each (B, H_out, H_in)
+            wide = torch.promote_types(x.dtype, torch.float32)
+            d_w = torch.stack(taps, -1).sum(0, dtype=wide).view(heads, heads, k, k).to(weight.dtype)
+        if need_b:
+            d_b = grad.sum((0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32)).to(bias.dtype)
+        return d_m, d_w, d_b
 
     def evolve_step(self, history: Optional[Tensor], m: Tensor, alpha: float,
                     taps: Optional[Tuple[Tensor, Tensor]] = None,
@@ -295,53 +319,63 @@ def _masked_softmax(a: Tensor, masks: EAMasks) -> Tensor:
     return probs
 
 
+def _keeps_probs(a: Tensor, probs: Tensor) -> bool:
+    """Whether the attention Function keeps P for backward (else A_l, from which the
+    backward makes P again): P where it takes no more bytes than A, that is where the
+    maps are float32 or float64; in float16 / bfloat16, P (float32) would take twice A."""
+    return probs.dtype == a.dtype
+
+
 class _EvolvingAttentionFunction(torch.autograd.Function):
     """Layers l > 1 of a stack: (q, k, v, A_{l-1}, conv weights) -> (out, A_l, P_l).
 
-    Saves q, k, v, A_{l-1}, the conv weights, the masks, (with attention dropout) the
-    boolean keep-mask and, where the next layer keeps it anyway as its A_{l-1}
-    (``module.hands_on``), A_l itself. The backward is written out: P from A (one
-    softmax), M from q, k and A_{l-1} (the conv's weight gradient needs its input),
-    and the chain's gradients by hand, so neither the (B, H, Tq, Tk) intermediates of
-    the forward are kept nor the conv is run again (A_l is recomputed only in a
-    stack's last layer, whose map nobody keeps).
-    """
+    Saves q, k, v, the conv's input M_l (zero-padded as the conv takes it; none when
+    alpha = 0), P_l (or A_l, see ``_keeps_probs``), the conv weights, the small masks'
+    inputs and, with attention dropout, the boolean keep-mask: two (B, H, Tq, Tk) maps
+    per layer. The backward is written out: neither q k^T nor the conv nor (in float32)
+    the softmax is run again, and the map a layer hands on is kept by no one (the next
+    layer keeps its own M instead)."""
 
     @staticmethod
     def forward(ctx, module: "EvolvingMultiheadAttention", mask_inputs: "MaskInputs", q: Tensor, k: Tensor,
                 v: Tensor, prev: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor]):
         # q: (B*H, Tq, D), pre-scaled; k, v: (B*H, Tk, D); prev: (B, H, Tq, Tk) or None
         masks = module._build_masks(q, k, mask_inputs)
-        a, probs = module._evolve_and_softmax(q, k, prev, masks, None, weight, bias)
+        conv = module.ea_conv
+        m = module._mix(module._scores(q, k, q.size(0) // module.num_heads), prev, masks.keep)
+        x = None  # the conv's input
+        if conv is None:
+            a = m
+        else:
+            x = conv.padded(m)
+            a = torch.lerp(m, conv.conv_padded(x, weight, bias), module.ea.alpha)
+            a = a if masks.keep is None else a * masks.keep
+        probs = _masked_softmax(a, masks)
         keep = module._dropout_keep_mask(probs)
         dropped = probs if keep is None else probs * keep / (1.0 - module.dropout_module.p)
         assert v.size(0) == q.size(0), "keys/values shared across beams are for incremental decoding only"
         out = torch.bmm(dropped.to(v.dtype).flatten(0, 1), v)  # (B*H, Tq, D)
         ctx.module = module
+        ctx.kept_probs = _keeps_probs(a, probs)
+        ctx.prev_dtype = None if prev is None else prev.dtype
         # the mask inputs are fairseq's small masks, the same tensors in every layer
-        ctx.save_for_backward(q, k, v, prev, weight, bias, keep, a if module.hands_on else None, *mask_inputs)
+        ctx.save_for_backward(q, k, v, x, probs if ctx.kept_probs else a, weight, bias, keep, *mask_inputs)
         ctx.mark_non_differentiable(probs)
         ctx.set_materialize_grads(False)
         return out, a, probs
 
     @staticmethod
     def backward(ctx, d_out: Optional[Tensor], d_a: Optional[Tensor], _d_probs):
-        q, k, v, prev, weight, bias, keep, a, *mask_inputs = ctx.saved_tensors
+        q, k, v, x, kept, weight, bias, keep, *mask_inputs = ctx.saved_tensors
         module, ea = ctx.module, ctx.module.ea
         conv = module.ea_conv
         masks = module._build_masks(q, k, MaskInputs(*mask_inputs))
         needs = ctx.needs_input_grad  # (module, mask_inputs, q, k, v, prev, weight, bias)
-        bsz = q.size(0) // module.num_heads
-        m = None  # M_l, the conv's input
-        if conv is not None or a is None:
-            m = module._mix(module._scores(q, k, bsz), prev, masks.keep)
+        map_dtype = q.dtype
         d_v = None
         d_map = d_a  # dL/dA_l: from the next layer, plus the softmax's below
         if d_out is not None:
-            if a is None:  # not kept: A_l from M_l, as the forward made it
-                a = m if conv is None else torch.lerp(m, conv(m, weight, bias), ea.alpha)
-                a = a if masks.keep is None or conv is None else a * masks.keep
-            probs = _masked_softmax(a, masks)  # (B, H, Tq, Tk), float32 or float64
+            probs = kept if ctx.kept_probs else _masked_softmax(kept, masks)  # float32 or float64
             if needs[4]:
                 dropped = probs if keep is None else probs * keep / (1.0 - module.dropout_module.p)
                 d_v = torch.bmm(dropped.to(v.dtype).flatten(0, 1).transpose(1, 2), d_out)  # (B*H, Tk, D)
@@ -349,7 +383,7 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
             if keep is not None:
                 d_probs = d_probs.mul_(keep).div_(1.0 - module.dropout_module.p)
             # rows of P that are all zero (no key to attend to) get a zero gradient, as they should
-            d_logits = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(a.dtype)
+            d_logits = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(map_dtype)
             d_map = d_logits if d_map is None else d_logits.add_(d_map)
         if d_map is None:
             return (None,) * 8
@@ -363,13 +397,13 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
             d_m = d_map
         else:  # A_l = lerp(M_l, C_l, alpha) * keep
             d_c = d_map * times_keep(ea.alpha)
-            d_m, d_w, d_b = conv.backward(d_c, m, weight, bias, True, needs[6], needs[7])
+            d_m, d_w, d_b = conv.backward(d_c, x, weight, bias, True, needs[6], needs[7])
             if ea.alpha < 1:
                 d_m = d_m.add_(d_c, alpha=(1.0 - ea.alpha) / ea.alpha)  # (1 - alpha) * keep * d_map
         # M_l = lerp(S_l, A_{l-1}, beta) * keep
         d_prev = None
-        if prev is not None and ea.beta > 0:
-            d_prev = (d_m * times_keep(ea.beta)).to(prev.dtype) if needs[5] else None
+        if ctx.prev_dtype is not None and ea.beta > 0:
+            d_prev = (d_m * times_keep(ea.beta)).to(ctx.prev_dtype) if needs[5] else None
             d_m = d_m * times_keep(1.0 - ea.beta)
         elif keep_map is not None:
             d_m = d_m * keep_map
@@ -467,9 +501,6 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             EAConv(num_heads, ea.kernel_size, ea.causal, ea.activation, ea.init) if ea.has_conv else None
         )
         self.impl = "fused"  # or "autograd": see the module docstring
-        # whether the next layer of the stack takes this layer's map (the model clears it
-        # in a stack's last layer, so that nobody keeps a map only this layer would need)
-        self.hands_on = True
         self._ea_link: Optional[EALink] = None
 
     def extra_repr(self) -> str:
@@ -683,11 +714,10 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         return out.view(kv_bsz, heads, beam, tgt_len, -1).transpose(1, 2).reshape(bsz * heads, tgt_len, -1)
 
     def _evolve_and_softmax(self, q: Tensor, k: Tensor, prev: Optional[Tensor], masks: EAMasks,
-                            incremental_state: IncrementalState, weight: Optional[Tensor] = None,
-                            bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                            incremental_state: IncrementalState) -> Tuple[Tensor, Tensor]:
         """(q, k, A_{l-1}) -> (A_l (B, H, Tq, Tk), zero at masked cells; P_l, float32)."""
         bsz = q.size(0) // self.num_heads
-        evolved = self._evolve(self._scores(q, k, bsz), prev, masks.keep, incremental_state, weight, bias)
+        evolved = self._evolve(self._scores(q, k, bsz), prev, masks.keep, incremental_state)
         return evolved, _masked_softmax(evolved, masks)
 
     def _dropout_keep_mask(self, probs: Tensor) -> Optional[Tensor]:
@@ -727,8 +757,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         return logits if keep is None else logits * keep
 
     def _evolve(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor],
-                incremental_state: IncrementalState, weight: Optional[Tensor] = None,
-                bias: Optional[Tensor] = None) -> Tensor:
+                incremental_state: IncrementalState) -> Tensor:
         """S_l (B, H, Tq, Tk) -> A_l (same shape, zero where ``keep`` (EAMasks.keep) is 0)."""
         ea = self.ea
         m = self._mix(logits, prev, keep)
@@ -747,7 +776,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
                 state["static_taps"], state["static_bias"] = taps
             self.set_incremental_state(incremental_state, "ea_state", state)
         else:
-            a = torch.lerp(m, self.ea_conv(m, weight, bias), ea.alpha)  # alpha C + (1-alpha) M
+            a = torch.lerp(m, self.ea_conv(m), ea.alpha)  # alpha C + (1-alpha) M
         if keep is not None:
             a = a * keep
         return a
