@@ -8,7 +8,7 @@ layer norms, the output projection, the loss and the optimizer do the same work 
 This script times that part alone and tightly. One training forward of each model on
 cost.py's batch records every attention call as it was made (its inputs, masks and
 arguments; for EA modules the previous layer's map). Then each recorded call runs forward
-and backward on its own (gradients of ones-like random weights on the output, and on the
+and backward on its own (fixed random gradients on the output, and on the
 map it hands on where the next layer takes it), the variants alternating at every call
 (forwards, then backwards), so that a drift of the machine's speed hits all alike.
 
