@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cost  # noqa: E402  (this folder's benchmark: batches, models, heap)
+import decoder_steps  # noqa: E402  (its start: checked flags, heap, threads, clock)
 
 
 def record_calls(model, batch, pad):
@@ -131,28 +132,7 @@ def attention_times(calls, clock, device, seed=0):
 
 
 def main():
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [n for n in names if n not in cost.VARIANTS]
-    if unknown or not names or names[0] != "vanilla":
-        sys.exit(f"--variants {args.variants!r}: vanilla first, then any of {', '.join(cost.VARIANTS)}")
-    try:
-        factors = [int(f) for f in args.lengths.split(",") if f]
-    except ValueError:
-        factors = []
-    if not factors or min(factors) < 1:
-        sys.exit(f"--lengths {args.lengths!r}: expected comma-separated positive integers, e.g. 1,4")
-    if args.heap == "keep" and not args.device.startswith("cuda"):
-        cost.keep_heap()
-    import ea_fairseq  # noqa: F401  (registers the architectures)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    clock = time.perf_counter
-    if args.clock == "cpu":
-        if device.type != "cpu" or torch.get_num_threads() != 1:
-            sys.exit("--clock cpu times the calling thread only: use it with --device cpu --threads 1")
-        clock = time.thread_time
+    names, factors, device, clock = decoder_steps.start(args)
     cost.CLOCK = clock
     if not (args.data / "test.de").exists():
         sys.exit(f"{args.data}/test.de not found: pass --data (fairseq's BPE'd IWSLT14 test set)")

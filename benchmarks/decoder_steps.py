@@ -61,26 +61,10 @@ def decode_steps(models, d, src, lengths, steps, beam, clock, seed=0):
     return took
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EA_IWSLT_BPE", cost.DEFAULT_DATA)),
-                    help="folder with fairseq-BPE'd test.de / test.en (default: ../shared/data/iwslt14/fairseq_bpe10k)")
-    ap.add_argument("--variants", default="vanilla,ea:autograd,ea,ea+cross",
-                    help="comma-separated, of: " + ", ".join(cost.VARIANTS) + " (vanilla first: the baseline)")
-    ap.add_argument("--lengths", default="1,4", help="comma-separated sentence-length factors, e.g. 1,4")
-    ap.add_argument("--decode-sentences", type=int, default=32, help="sentences x beam 5 (at 1x; / f at f x)")
-    ap.add_argument("--decode-steps", type=int, default=30, help="decoder steps at 1x (* f at f x)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="'wall' time, or 'cpu' time of the measuring thread (CPU only, with --threads 1)")
-    ap.add_argument("--heap", choices=["keep", "system"], default="keep",
-                    help="on a CPU: 'keep' glibc's freed memory for reuse (see cost.py), or the 'system' defaults")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workdir", type=Path, default=cost.REPO / "work" / "bench",
-                    help="where the dictionary built from --data goes (default: work/bench)")
-    args = ap.parse_args()
-
+def start(args):
+    """What decoder_steps.py and attention_steps.py both begin with: the variants (vanilla
+    first) and length factors checked, glibc's heap kept (CPU), the threads set, the
+    clock chosen. Returns (variant names, length factors, device, clock)."""
     names = [v for v in args.variants.split(",") if v]
     unknown = [n for n in names if n not in cost.VARIANTS]
     if unknown or not names or names[0] != "vanilla":
@@ -103,6 +87,29 @@ def main():
         if device.type != "cpu" or torch.get_num_threads() != 1:
             sys.exit("--clock cpu times the calling thread only: use it with --device cpu --threads 1")
         clock = time.thread_time
+    return names, factors, device, clock
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EA_IWSLT_BPE", cost.DEFAULT_DATA)),
+                    help="folder with fairseq-BPE'd test.de / test.en (default: ../shared/data/iwslt14/fairseq_bpe10k)")
+    ap.add_argument("--variants", default="vanilla,ea:autograd,ea,ea+cross",
+                    help="comma-separated, of: " + ", ".join(cost.VARIANTS) + " (vanilla first: the baseline)")
+    ap.add_argument("--lengths", default="1,4", help="comma-separated sentence-length factors, e.g. 1,4")
+    ap.add_argument("--decode-sentences", type=int, default=32, help="sentences x beam 5 (at 1x; / f at f x)")
+    ap.add_argument("--decode-steps", type=int, default=30, help="decoder steps at 1x (* f at f x)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="'wall' time, or 'cpu' time of the measuring thread (CPU only, with --threads 1)")
+    ap.add_argument("--heap", choices=["keep", "system"], default="keep",
+                    help="on a CPU: 'keep' glibc's freed memory for reuse (see cost.py), or the 'system' defaults")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", type=Path, default=cost.REPO / "work" / "bench",
+                    help="where the dictionary built from --data goes (default: work/bench)")
+    args = ap.parse_args()
+    names, factors, device, clock = start(args)
     if not (args.data / "test.de").exists():
         sys.exit(f"{args.data}/test.de not found: pass --data (fairseq's BPE'd IWSLT14 test set)")
     args.workdir.mkdir(parents=True, exist_ok=True)
