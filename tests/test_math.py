@@ -111,7 +111,7 @@ def test_stack_matches_the_formulas(causal, kernel):
 @pytest.mark.parametrize("grows", [True, False], ids=["self", "cross"])
 @pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "conv2d"])
 def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, kernel, alpha, grows, matmul):
-    """EAConv.evolve_step, one row at a time with the rows it hands on (keys growing by
+    """EAConv.step_window + evolve_step, one row at a time with the rows it hands on (keys growing by
     one per step as in self-attention, or fixed as in cross-attention), gives the rows of
     lerp(M, act(causal conv(M)), alpha) over the whole map, written out with loops; by
     its matmul (folded weights) and by its F.conv2d path."""
@@ -140,8 +140,11 @@ def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, ker
     with torch.no_grad():
         for i in range(T):
             width = i + 1 if grows else T
-            got, rows, taps = conv.evolve_step(rows, m[:, :, i:i + 1, :width], alpha, taps, matmul=matmul)
+            window, m_rows = conv.step_window(rows, m[:, :, i:i + 1, :width])
+            m_rows.copy_(m[:, :, i:i + 1, :width])
+            got, rows, taps = conv.evolve_step(window, alpha, taps, matmul=matmul)
             # the folded weights come back for the next step exactly where the matmul ran
             assert (taps is not None) == (matmul and activation == "linear")
-            assert rows.shape == (B, H, kernel - 1, width)
+            assert rows.shape == (H, kernel - 1, B, width)
+            assert got.shape == (B, H, 1, width)
             torch.testing.assert_close(got, want[:, :, i:i + 1, :width], rtol=0, atol=1e-12)

@@ -6,7 +6,7 @@ The layers keep fairseq's own forward code; they only (a) build
 maps, opening an ``EALink`` around fairseq's forward.
 """
 
-from contextlib import ExitStack
+from contextlib import nullcontext
 from typing import Dict, List, NamedTuple, Optional
 
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
@@ -78,6 +78,9 @@ class EATransformerEncoderLayer(TransformerEncoderLayerBase):
         with self.self_attn.evolve(ea_prev, encoder_padding_mask) as link:
             out = super().forward(x, encoder_padding_mask, attn_mask)
         return out, link.out
+
+
+_NO_LINK = nullcontext()  # stands in for a stack's link where its attention is not evolving
 
 
 class EADecoderLayerOutput(NamedTuple):
@@ -163,12 +166,12 @@ class EATransformerDecoderLayer(TransformerDecoderLayerBase):
         ea_self_prev (B, H, T, T) and ea_cross_prev (B, H, T, S), or None.
         self_attn_padding_mask (B, T), True = pad, also marks the padded query rows.
         """
-        with ExitStack() as stack:
-            self_link = cross_link = None
-            if isinstance(self.self_attn, EvolvingMultiheadAttention):
-                self_link = stack.enter_context(self.self_attn.evolve(ea_self_prev, self_attn_padding_mask))
-            if isinstance(self.encoder_attn, EvolvingMultiheadAttention):
-                cross_link = stack.enter_context(self.encoder_attn.evolve(ea_cross_prev, self_attn_padding_mask))
+        self_link = cross_link = None
+        if isinstance(self.self_attn, EvolvingMultiheadAttention):
+            self_link = self.self_attn.evolve(ea_self_prev, self_attn_padding_mask)
+        if isinstance(self.encoder_attn, EvolvingMultiheadAttention):
+            cross_link = self.encoder_attn.evolve(ea_cross_prev, self_attn_padding_mask)
+        with self_link or _NO_LINK, cross_link or _NO_LINK:
             x, attn, self_attn_state = super().forward(
                 x,
                 encoder_out=encoder_out,

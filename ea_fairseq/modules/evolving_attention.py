@@ -188,53 +188,73 @@ class EAConv(nn.Module):
             d_b = grad.sum((0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32)).to(bias.dtype)
         return d_m, d_w, d_b
 
-    def evolve_step(self, history: Optional[Tensor], m: Tensor, alpha: float,
-                    taps: Optional[Tuple[Tensor, Tensor]] = None,
+    def step_window(self, history: Optional[Tensor], new_rows: Tensor) -> Tuple[Tensor, Tensor]:
+        """Incremental decoding (causal conv), first half: the conv's input window of one
+        step. ``history`` (H, k-1, B, Tk') holds the last k-1 zero-masked rows of M as the
+        previous step handed them on (None before the first step; keys that came later
+        are zero in them); ``new_rows`` (B, H, Tq, Tk) gives the new rows' shape, dtype
+        and device. Returns the window, laid out (H, k-1+Tq, B, Tk+k-1) with its zero
+        padding and the history filled in, and the (B, H, Tq, Tk) view of it that the
+        caller fills with the new rows of M before ``evolve_step``.
+
+        The (heads, rows, hypotheses, keys) layout makes the step's matmul one product
+        over every hypothesis, and lets the caller write M straight into the window."""
+        bsz, heads, tgt_len, src_len = new_rows.shape
+        k, r = self.kernel_size, self.kernel_size // 2
+        rows, width = k - 1 + tgt_len, src_len + 2 * r
+        window = new_rows.new_zeros(heads, rows, bsz, width)
+        strides = (rows * bsz * width, bsz * width, width, 1)
+        if history is not None:
+            window.as_strided(history.shape, strides, r).copy_(history)
+        m_rows = window.as_strided((bsz, heads, tgt_len, src_len), (width, strides[0], strides[1], 1),
+                                   (k - 1) * strides[1] + r)
+        return window, m_rows
+
+    def evolve_step(self, window: Tensor, alpha: float, taps: Optional[Tuple[Tensor, Tensor]] = None,
                     matmul: bool = True) -> Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor]]]:
-        """Incremental decoding (causal conv): A = lerp(M, act(conv(M)), alpha) for the new
-        rows. ``history`` (B, H, k-1, Tk') holds the last k-1 zero-masked rows of M (None
-        before the first step; keys that came later are zero in them), ``m`` (B, H, Tq, Tk)
-        the new rows; ``taps``: what an earlier step of the same batch returned (None:
-        make them); ``matmul=False`` runs F.conv2d over the window instead (the reference
-        path). Returns A's new rows (B, H, Tq, Tk), not yet masked, the rows to keep for
-        the next step (B, H, k-1, Tk), and the taps to pass to the next step (None where
-        the F.conv2d path ran).
+        """Incremental decoding, second half: A = lerp(M, act(conv(M)), alpha) for the new
+        rows of a ``step_window`` window, once the caller has filled them with M.
+        ``taps``: what an earlier step of the same batch returned (None: make them);
+        ``matmul=False`` runs F.conv2d over the window instead (the reference path).
+        Returns A's new rows (B, H, Tq, Tk), not yet masked, the rows to hand on to the
+        next step's ``step_window`` (H, k-1, B, Tk), and the taps to pass to the next
+        step (None where the F.conv2d path ran).
 
         One new row (Tq = 1, each beam-search step) is one small matmul: the kx taps of
         each output channel as rows, applied to the (channel, row) pairs of the window,
-        then summed along keys with the taps' shifts; with a linear activation, the
-        residual around the conv is folded into the taps (``step_taps``). oneDNN's
-        convolution, with the lerp, takes about 2.3 times as long on a CPU for these
-        shapes (40 hypotheses, 4 heads, 60 keys: 269 against 116 us a call), and builds
-        a new primitive for every key length."""
-        bsz, heads, tgt_len, src_len = m.shape
+        then added along keys with the taps' shifts; with a linear activation, the
+        residual around the conv and the bias are folded into the taps (``step_taps``).
+        oneDNN's convolution, with the lerp, takes about 2.3 times as long on a CPU for
+        these shapes (40 hypotheses, 4 heads, 60 keys: 269 against 116 us a call), and
+        builds a new primitive for every key length."""
+        heads, rows, bsz, width = window.shape
         k, r = self.kernel_size, self.kernel_size // 2
-        width = src_len + 2 * r
-        # zero-padded along keys, laid out (H, rows, B, keys): the matmul below is then one
-        # product over every hypothesis, not one per hypothesis (40 hypotheses, 4 heads,
-        # 120 keys, one thread: the whole step 156 against 189 us)
-        laid_out = m.new_zeros(heads, k - 1 + tgt_len, bsz, width)
-        window = laid_out.permute(2, 0, 1, 3)  # (B, H, rows, keys)
-        if history is not None:
-            window[:, :, : k - 1, r: r + history.size(-1)] = history
-        window[:, :, k - 1:, r: r + src_len] = m
-        kept = window[:, :, tgt_len:, r: r + src_len]
-        weight = self.conv.weight
+        tgt_len, src_len = rows - (k - 1), width - 2 * r
+        kept = window.as_strided((heads, k - 1, bsz, src_len), window.stride(), tgt_len * bsz * width + r)
         if (not matmul or tgt_len > 1 or self.activation != "linear"
-                or (torch.is_grad_enabled() and (weight.requires_grad or m.requires_grad))):
-            c = self._act(F.conv2d(window, weight.to(m.dtype), self.conv.bias.to(m.dtype)))
+                or (torch.is_grad_enabled() and (self.conv.weight.requires_grad or window.requires_grad))):
+            m = window[:, k - 1:, :, r: r + src_len].permute(2, 0, 1, 3)  # (B, H, Tq, Tk)
+            weight, bias = self.conv.weight.to(m.dtype), self.conv.bias.to(m.dtype)
+            c = self._act(F.conv2d(window.permute(2, 0, 1, 3), weight, bias))
             return torch.lerp(m, c, alpha), kept, None
-        taps = self.step_taps(m.dtype, alpha) if taps is None else taps
-        z = torch.mm(taps[0], laid_out.view(heads * k, bsz * width))  # (kx*H, B*width)
-        # out[b, o, s] = sum over dx of z[dx*H + o, b*width + s + dx]
-        out = z.as_strided((bsz, heads, 1, src_len, k), (width, bsz * width, 0, 1, heads * bsz * width + 1))
-        return out.sum(-1).add_(taps[1]), kept, taps
+        taps = self.step_taps(window.dtype, alpha) if taps is None else taps
+        z = torch.addmm(taps[1], taps[0], window.view(heads * k, bsz * width))  # (kx*H, B*width)
+        # out[b, o, 0, s] = sum over dx of z[dx*H + o, b*width + s + dx]: kx (odd, > 1) shifted
+        # views, added; the sum is laid out as they are, (H, B, Tk) in memory
+        step = heads * z.stride(0)
+        shifted = [z.as_strided((bsz, heads, 1, src_len), (width, z.stride(0), 0, 1), dx * step + dx)
+                   for dx in range(k)]
+        out = torch.add(shifted[0], shifted[1])
+        for s in shifted[2:]:
+            out.add_(s)
+        return out, kept, taps
 
     def step_taps(self, dtype: torch.dtype, alpha: float) -> Tuple[Tensor, Tensor]:
         """The conv's weights as evolve_step's matmul takes them, (kx*H, H*ky), with
         alpha and the residual (1 - alpha) M folded in (linear activation), and the bias
-        (1, H, 1, 1) times alpha. Made once per incremental state: the weights do not
-        change while a batch is decoded."""
+        times alpha as the matmul's added column (kx*H, 1), in the rows of the first key
+        shift only (the shifted products are summed). Made once per incremental state:
+        the weights do not change while a batch is decoded."""
         weight, bias = self.conv.weight, self.conv.bias
         k, heads = self.kernel_size, weight.size(0)
         wide = torch.promote_types(weight.dtype, torch.float32)  # folded in at least float32
@@ -243,7 +263,9 @@ class EAConv(nn.Module):
             # the current row (the last of the causal window), centred key: M itself
             w[:, :, k - 1, k // 2] += (1.0 - alpha) * torch.eye(heads, dtype=wide, device=w.device)
             taps = w.permute(3, 0, 1, 2).reshape(k * heads, heads * k).to(dtype)
-            return taps, (bias.to(wide) * alpha).to(dtype).view(1, heads, 1, 1)
+            column = torch.zeros(k * heads, 1, dtype=wide, device=w.device)
+            column[:heads, 0] = bias.to(wide) * alpha
+            return taps, column.to(dtype)
 
 
 class MaskInputs(NamedTuple):
@@ -309,6 +331,9 @@ class EAMasks(NamedTuple):
             logit_bias = (blocked.to(soft_dtype) * low if logit_bias is None
                           else logit_bias.masked_fill(blocked, low))
         return EAMasks(blocked, bias, keep, logit_bias, row_keep)
+
+
+_NO_MASKS = EAMasks(None, None, None, None, None)
 
 
 def _masked_softmax(a: Tensor, masks: EAMasks) -> Tensor:
@@ -570,7 +595,8 @@ class EvolvingMultiheadAttention(MultiheadAttention):
                 if name.startswith("static_"):  # the same for every hypothesis
                     reordered[name] = value
                 elif not name.startswith("shared_"):
-                    reordered[name] = None if value is None else value.index_select(0, new_order)
+                    dim = 2 if name == "rows" else 0  # EA rows are laid out (H, k-1, B, Tk)
+                    reordered[name] = None if value is None else value.index_select(dim, new_order)
             buf = reordered
             incremental_state = self.set_incremental_state(incremental_state, key, buf)
         return incremental_state
@@ -750,36 +776,48 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         return out.flatten(0, 1)
 
     def _build_masks(self, q: Tensor, k: Tensor, inputs: MaskInputs) -> EAMasks:
+        if inputs.key_padding_mask is None and inputs.attn_mask is None and inputs.query_padding_mask is None:
+            return _NO_MASKS  # each decoding step of an unpadded batch
         heads = self.num_heads
         return EAMasks.build(q.size(0) // heads, q.size(1), k.size(1), *inputs, dtype=q.dtype)
 
-    def _mix(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor]) -> Tensor:
+    def _mix(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor],
+             out: Optional[Tensor] = None) -> Tensor:
         """M_l = (1 - beta) S_l + beta A_{l-1}, zero where ``keep`` is 0 (S_l where there is
-        no previous map)."""
-        if prev is not None and self.ea.beta > 0:
+        no previous map); written into ``out`` where given (a decoding step's window)."""
+        mixes = prev is not None and self.ea.beta > 0
+        if out is not None and not (torch.is_grad_enabled() and (logits.requires_grad or (mixes and prev.requires_grad))):
+            if mixes:
+                torch.lerp(logits, prev if prev.dtype == logits.dtype else prev.to(logits.dtype), self.ea.beta, out=out)
+            else:
+                out.copy_(logits)
+            return out if keep is None else out.mul_(keep)
+        if mixes:
             logits = torch.lerp(logits, prev.to(logits.dtype), self.ea.beta)
-        return logits if keep is None else logits * keep
+        m = logits if keep is None else logits * keep
+        return m if out is None else out.copy_(m)
 
     def _evolve(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor],
                 incremental_state: IncrementalState) -> Tensor:
         """S_l (B, H, Tq, Tk) -> A_l (same shape, zero where ``keep`` (EAMasks.keep) is 0)."""
         ea = self.ea
-        m = self._mix(logits, prev, keep)
         if self.ea_conv is None:
-            return m
+            return self._mix(logits, prev, keep)
 
-        k = ea.kernel_size
-        if incremental_state is not None and ea.causal and k > 1:
+        if incremental_state is not None and ea.causal and ea.kernel_size > 1:
             buf = self.get_incremental_state(incremental_state, "ea_state") or {}
             taps = (buf["static_taps"], buf["static_bias"]) if "static_taps" in buf else None
-            # rows: (B, H, k-1, Tk') or None (zero rows above the first one)
-            a, kept, taps = self.ea_conv.evolve_step(buf.get("rows"), m, ea.alpha, taps,
-                                                     matmul=self.impl == "fused")
+            # rows: (H, k-1, B, Tk') or None (zero rows above the first one); M goes
+            # straight into the conv's window
+            window, m_rows = self.ea_conv.step_window(buf.get("rows"), logits)
+            self._mix(logits, prev, keep, out=m_rows)
+            a, kept, taps = self.ea_conv.evolve_step(window, ea.alpha, taps, matmul=self.impl == "fused")
             state: Dict[str, Optional[Tensor]] = {"rows": kept}
             if taps is not None:
                 state["static_taps"], state["static_bias"] = taps
             self.set_incremental_state(incremental_state, "ea_state", state)
         else:
+            m = self._mix(logits, prev, keep)
             a = torch.lerp(m, self.ea_conv(m), ea.alpha)  # alpha C + (1-alpha) M
         if keep is not None:
             a = a * keep
