@@ -786,16 +786,17 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         """M_l = (1 - beta) S_l + beta A_{l-1}, zero where ``keep`` is 0 (S_l where there is
         no previous map); written into ``out`` where given (a decoding step's window)."""
         mixes = prev is not None and self.ea.beta > 0
-        if out is not None and not (torch.is_grad_enabled() and (logits.requires_grad or (mixes and prev.requires_grad))):
-            if mixes:
-                torch.lerp(logits, prev if prev.dtype == logits.dtype else prev.to(logits.dtype), self.ea.beta, out=out)
-            else:
-                out.copy_(logits)
-            return out if keep is None else out.mul_(keep)
+        if mixes and prev.dtype != logits.dtype:
+            prev = prev.to(logits.dtype)
+        if out is None or torch.is_grad_enabled():  # autograd: make M, then copy it in
+            m = torch.lerp(logits, prev, self.ea.beta) if mixes else logits
+            m = m if keep is None else m * keep
+            return m if out is None else out.copy_(m)
         if mixes:
-            logits = torch.lerp(logits, prev.to(logits.dtype), self.ea.beta)
-        m = logits if keep is None else logits * keep
-        return m if out is None else out.copy_(m)
+            torch.lerp(logits, prev, self.ea.beta, out=out)
+        else:
+            out.copy_(logits)
+        return out if keep is None else out.mul_(keep)
 
     def _evolve(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor],
                 incremental_state: IncrementalState) -> Tensor:
