@@ -165,6 +165,31 @@ def test_reorder_incremental_state_equals_permuted_batch(name, beam_structured):
     torch.testing.assert_close(continued, expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["self-attn-EA", "all-stacks-EA"])
+def test_reorders_in_a_row_equal_their_composition(name):
+    """Two reorders with no step between them (the second one dropping a sentence, as
+    SequenceGenerator does when one finishes) act as one: EA modules keep a reorder of
+    their rows until the next step reads them, so the two must compose in the right
+    order. The outputs equal a fresh decode of the batch in the composed order."""
+    model = build_model("ea_transformer", CONFIGS[name])
+    d = model.encoder.dictionary
+    beam, n_sent, T, t0 = 3, 2, 7, 3
+    batch, first = beam_batch_and_order(d, True, beam, n_sent, T)
+    second = torch.tensor([2, 0, 0])  # the first sentence's hypotheses only, in a new order
+    composed = first[second]
+
+    with torch.no_grad():
+        enc = model.encoder(batch["src_tokens"], batch["src_lengths"])
+        state = {}
+        _decode_steps(model, enc, batch["prev_output_tokens"], state, 0, t0)
+        for order in (first, second):
+            model.decoder.reorder_incremental_state_scripting(state, order)
+            enc = model.encoder.reorder_encoder_out(enc, order)
+        continued = _decode_steps(model, enc, batch["prev_output_tokens"][composed], state, t0, T)
+        expected = full_logits(model, {k: v[composed] for k, v in batch.items()})[:, t0:]
+    torch.testing.assert_close(continued, expected, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["self-attn-EA", "all-stacks-EA", "default-init"])
 def test_beam_search_hypotheses_rescore_to_their_positional_scores(name):
     model = build_model("ea_transformer", CONFIGS[name])

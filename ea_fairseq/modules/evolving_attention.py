@@ -188,24 +188,36 @@ class EAConv(nn.Module):
             d_b = grad.sum((0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32)).to(bias.dtype)
         return d_m, d_w, d_b
 
-    def step_window(self, history: Optional[Tensor], new_rows: Tensor) -> Tuple[Tensor, Tensor]:
+    def step_window(self, history: Optional[Tensor], new_rows: Tensor,
+                    order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Incremental decoding (causal conv), first half: the conv's input window of one
-        step. ``history`` (H, k-1, B, Tk') holds the last k-1 zero-masked rows of M as the
+        step. ``history`` (H, k-1, B', Tk') holds the last k-1 zero-masked rows of M as the
         previous step handed them on (None before the first step; keys that came later
-        are zero in them); ``new_rows`` (B, H, Tq, Tk) gives the new rows' shape, dtype
-        and device. Returns the window, laid out (H, k-1+Tq, B, Tk+k-1) with its zero
-        padding and the history filled in, and the (B, H, Tq, Tk) view of it that the
-        caller fills with the new rows of M before ``evolve_step``.
+        are zero in them); ``order`` (B,), where given, picks hypothesis ``order[b]`` of
+        the history for hypothesis b (a beam search's reorders, applied here rather than
+        when they are made, so that the rows are copied once a step); ``new_rows``
+        (B, H, Tq, Tk) gives the new rows' shape, dtype and device. Returns the window,
+        laid out (H, k-1+Tq, B, Tk+k-1) with its zero padding and the history filled in,
+        and the (B, H, Tq, Tk) view of it that the caller fills with the new rows of M
+        before ``evolve_step``.
 
-        The (heads, rows, hypotheses, keys) layout makes the step's matmul one product
-        over every hypothesis, and lets the caller write M straight into the window."""
+        The (heads, rows, hypotheses, keys) layout makes the step's matmul one product over
+        every hypothesis, and lets the caller write M straight into the window."""
         bsz, heads, tgt_len, src_len = new_rows.shape
         k, r = self.kernel_size, self.kernel_size // 2
         rows, width = k - 1 + tgt_len, src_len + 2 * r
-        window = new_rows.new_zeros(heads, rows, bsz, width)
         strides = (rows * bsz * width, bsz * width, width, 1)
+        # zeroed whole: on a CPU, one memset costs less than zeroing the padding columns
+        # alone, which touch nearly every cache line of the window in a strided pattern
+        window = new_rows.new_zeros(heads, rows, bsz, width)
         if history is not None:
-            window.as_strided(history.shape, strides, r).copy_(history)
+            into = window.as_strided(history.shape[:2] + (bsz, history.size(3)), strides, r)
+            if order is None:
+                into.copy_(history)
+            elif torch.is_grad_enabled() and history.requires_grad:  # out= takes no autograd
+                into.copy_(history.index_select(2, order))
+            else:
+                torch.index_select(history, 2, order, out=into)
         m_rows = window.as_strided((bsz, heads, tgt_len, src_len), (width, strides[0], strides[1], 1),
                                    (k - 1) * strides[1] + r)
         return window, m_rows
@@ -505,8 +517,9 @@ class EvolvingMultiheadAttention(MultiheadAttention):
     Supports self-attention and encoder-decoder attention, key padding, a 2-D
     ``attn_mask`` (bool, or float: masked at <= -1e4 / -inf, other values added to
     the logits), incremental decoding and beam search. The incremental state keeps,
-    besides fairseq's keys and values, the last k-1 zero-masked rows of M and the
-    conv's weights as one decoding step takes them under this module's own key
+    besides fairseq's keys and values, the last k-1 zero-masked rows of M (with the
+    beam's reorders made since, applied when the next step reads them) and the conv's
+    weights as one decoding step takes them under this module's own key
     ("ea_state"). In beam search, cross-attention keys and values are
     computed and kept once per sentence (fairseq's ``set_beam_size`` shortcut) while
     the EA rows stay per hypothesis; a reorder that moves a hypothesis to another
@@ -594,9 +607,14 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             for name, value in buf.items():
                 if name.startswith("static_"):  # the same for every hypothesis
                     reordered[name] = value
-                elif not name.startswith("shared_"):
-                    dim = 2 if name == "rows" else 0  # EA rows are laid out (H, k-1, B, Tk)
-                    reordered[name] = None if value is None else value.index_select(dim, new_order)
+                elif name == "rows":
+                    # EA rows: the order is kept, and the next step's window takes them in it
+                    # (EAConv.step_window); orders made before that step compose
+                    pending = buf.get("rows_order")
+                    reordered[name] = value
+                    reordered["rows_order"] = new_order if pending is None else pending.index_select(0, new_order)
+                elif name != "rows_order" and not name.startswith("shared_"):
+                    reordered[name] = None if value is None else value.index_select(0, new_order)
             buf = reordered
             incremental_state = self.set_incremental_state(incremental_state, key, buf)
         return incremental_state
@@ -808,9 +826,9 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         if incremental_state is not None and ea.causal and ea.kernel_size > 1:
             buf = self.get_incremental_state(incremental_state, "ea_state") or {}
             taps = (buf["static_taps"], buf["static_bias"]) if "static_taps" in buf else None
-            # rows: (H, k-1, B, Tk') or None (zero rows above the first one); M goes
-            # straight into the conv's window
-            window, m_rows = self.ea_conv.step_window(buf.get("rows"), logits)
+            # rows: (H, k-1, B', Tk') or None (zero rows above the first one), with the
+            # beam's reorders since they were made; M goes straight into the conv's window
+            window, m_rows = self.ea_conv.step_window(buf.get("rows"), logits, buf.get("rows_order"))
             self._mix(logits, prev, keep, out=m_rows)
             a, kept, taps = self.ea_conv.evolve_step(window, ea.alpha, taps, matmul=self.impl == "fused")
             state: Dict[str, Optional[Tensor]] = {"rows": kept}
