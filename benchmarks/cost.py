@@ -51,7 +51,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "iwslt14" / "fairseq_bpe10k"
 
-# name: (architecture, extra flags, attention implementation of the EA modules)
+# name: (architecture, extra flags, attention implementation of the EA modules; ":ops":
+# decoding steps as PyTorch ops, not step_kernel's one pass)
 VARIANTS = {
     "vanilla": ("transformer_iwslt_de_en", [], None),
     "ea-off": ("ea_transformer_iwslt_de_en", ["--ea-no-encoder-self-attn", "--ea-no-decoder-self-attn"], None),
@@ -59,6 +60,8 @@ VARIANTS = {
     "ea+cross": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "fused"),
     "ea:autograd": ("ea_transformer_iwslt_de_en", [], "autograd"),
     "ea+cross:autograd": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "autograd"),
+    "ea:ops": ("ea_transformer_iwslt_de_en", [], "fused:ops"),
+    "ea+cross:ops": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "fused:ops"),
 }
 DEFAULT_VARIANTS = "vanilla,ea:autograd,ea,ea+cross:autograd,ea+cross"
 
@@ -75,9 +78,11 @@ def build(name, task, device, precision):
         "--share-all-embeddings", "--source-lang", "de", "--target-lang", "en", *extra])
     torch.manual_seed(0)
     model = task.build_model(args).to(device)
+    impl, _, ops = (impl or "").partition(":")
     for module in model.modules():
         if isinstance(module, EvolvingMultiheadAttention):
             module.impl = impl
+            module.one_pass_steps = not ops
     return model.half() if precision == "fp16" else model.bfloat16() if precision == "bf16" else model
 
 
@@ -405,7 +410,7 @@ def plot(per_length: List[dict], path: Path, header: str) -> None:
                 continue
             xs = [f for f, _ in points]
             ys = [r.get(key, float("nan")) for _, r in points]
-            style = "--" if variant.endswith(":autograd") else "-"
+            style = "--" if variant.endswith(":autograd") else ":" if variant.endswith(":ops") else "-"
             iqr = [r.get(key + "_iqr") for _, r in points]
             if all(q is not None for q in iqr):  # time: the middle half of the per-repeat ratios
                 err = [[y - q[0] for y, q in zip(ys, iqr)], [q[1] - y for y, q in zip(ys, iqr)]]

@@ -25,7 +25,9 @@ Memory and speed (training and full forward passes):
   dropout, a boolean dropout mask. Its hand-written backward runs neither q k^T nor
   the conv forward again, and no layer keeps the map it hands on.
 In incremental decoding, a step's new row of the causal conv is one small matmul
-(``EAConv.evolve_step``, with the residual around the conv folded into its weights).
+(``EAConv.evolve_step``, with the residual around the conv folded into its weights);
+on a CPU, the whole step (rows gathered in the beam's order, mix, conv, mask) is one
+pass of a small C++ function where it applies (``step_kernel``).
 ``impl = "autograd"`` (a module attribute) runs the same formulas with plain
 autograd and F.conv2d instead: the reference the tests compare against, and the
 "before" of ``benchmarks/cost.py``.
@@ -40,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
+
+from . import step_kernel
 
 EA_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
     "linear": lambda x: x,
@@ -543,6 +547,8 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             EAConv(num_heads, ea.kernel_size, ea.causal, ea.activation, ea.init) if ea.has_conv else None
         )
         self.impl = "fused"  # or "autograd": see the module docstring
+        # decoding steps on a CPU in one pass (step_kernel) where it applies; False: PyTorch ops
+        self.one_pass_steps = True
         self._ea_link: Optional[EALink] = None
 
     def extra_repr(self) -> str:
@@ -816,6 +822,17 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             out.copy_(logits)
         return out if keep is None else out.mul_(keep)
 
+    def _steps_in_one_pass(self, logits: Tensor, prev: Optional[Tensor]) -> bool:
+        """Whether this decoding step runs as ``step_kernel.step`` (one pass on a CPU)
+        rather than as PyTorch ops: the same cases as ``EAConv.evolve_step``'s matmul,
+        on a CPU in float32 / float64, where the library is built."""
+        conv = self.ea_conv
+        grad = torch.is_grad_enabled() and (
+            logits.requires_grad or conv.conv.weight.requires_grad or conv.conv.bias.requires_grad
+            or (prev is not None and prev.requires_grad))
+        return (self.impl == "fused" and self.one_pass_steps and conv.activation == "linear" and not grad
+                and (prev is None or prev.dtype == logits.dtype) and step_kernel.applies(logits))
+
     def _evolve(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor],
                 incremental_state: IncrementalState) -> Tensor:
         """S_l (B, H, Tq, Tk) -> A_l (same shape, zero where ``keep`` (EAMasks.keep) is 0)."""
@@ -827,10 +844,17 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             buf = self.get_incremental_state(incremental_state, "ea_state") or {}
             taps = (buf["static_taps"], buf["static_bias"]) if "static_taps" in buf else None
             # rows: (H, k-1, B', Tk') or None (zero rows above the first one), with the
-            # beam's reorders since they were made; M goes straight into the conv's window
-            window, m_rows = self.ea_conv.step_window(buf.get("rows"), logits, buf.get("rows_order"))
-            self._mix(logits, prev, keep, out=m_rows)
-            a, kept, taps = self.ea_conv.evolve_step(window, ea.alpha, taps, matmul=self.impl == "fused")
+            # beam's reorders since they were made
+            if self._steps_in_one_pass(logits, prev):
+                if taps is None:
+                    taps = self.ea_conv.step_taps(logits.dtype, ea.alpha)
+                a, kept = step_kernel.step(logits, prev, ea.beta, keep, buf.get("rows"), buf.get("rows_order"),
+                                           taps[0], taps[1], ea.kernel_size)
+                keep = None  # applied
+            else:  # M goes straight into the conv's window
+                window, m_rows = self.ea_conv.step_window(buf.get("rows"), logits, buf.get("rows_order"))
+                self._mix(logits, prev, keep, out=m_rows)
+                a, kept, taps = self.ea_conv.evolve_step(window, ea.alpha, taps, matmul=self.impl == "fused")
             state: Dict[str, Optional[Tensor]] = {"rows": kept}
             if taps is not None:
                 state["static_taps"], state["static_bias"] = taps

@@ -1,0 +1,161 @@
+// One incremental-decoding step of an evolving-attention layer on a CPU, in one pass.
+//
+// EvolvingMultiheadAttention._evolve with torch ops runs about ten small ops per layer
+// and step (the conv's window zeroed, the previous rows gathered into it in the beam's
+// order, the mix, a matmul, the shifted adds, the key mask); inside a decoder step each
+// of them meets cold caches. This file does the same for one new query row with one
+// pass over each input: per hypothesis, a window of k rows (the k-1 previous rows of M
+// and the new one) is built in a small buffer that stays in L1, the conv's output row
+// is accumulated from it, and the k-1 rows the next step needs are written out.
+//
+// Built by ea_fairseq/modules/step_kernel.py with the system's C++ compiler into a plain
+// shared library and called through ctypes (no torch headers: it builds in about a
+// second and does not depend on torch's C++ ABI). The Python side checks every shape,
+// stride and dtype; this side checks the beam's order, the one input it indexes with.
+//
+// Shapes (H heads, k kernel size, r = k / 2, T keys, B hypotheses, B' of the history):
+//   logits, prev   (B, H, T) at the given strides; prev may be null (no mix)
+//   keep           (B, T) at the given strides, or null: 0 zeroes a key (M and A)
+//   hist           (H, k-1, B', T') at the given strides, T' <= T (later keys are 0),
+//                  or null (the first step: zero rows above the first one)
+//   order          (B,) indices into B' (the beam's reorders since the last step), or null
+//   taps           (k*H, H*k) contiguous: row dx*H + o, column c*k + j (step_taps)
+//   bias           (H,) contiguous: alpha * conv bias
+//   out            (B, H, T) contiguous: A's new row, keep-masked
+//   new_hist       (B, H, k-1, T) contiguous: rows 1..k-1 of the window, for the next step
+//                  (read as (H, k-1, B, T) at strides, like hist)
+// Returns 0, or 1 + b for the first hypothesis b whose order is out of range.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// The conv's output row for output channels o0..o0+OB-1 of one hypothesis, V keys at a
+// time: per block of keys the OB x V sums stay in registers while every (dx, c, j) tap
+// adds its window row, read once for all OB channels. The window is zero beyond the
+// keys up to a whole number of blocks, so that every block reads V valid cells.
+template <typename T, int OB, int V>
+inline void conv_rows(const T* window, int64_t width, int64_t heads, int64_t k, int64_t src_len,
+                      const T* taps, const T* bias, const T* keep_b, int64_t q_s, int64_t o0, T* out_b) {
+    const int64_t taps_cols = heads * k;
+    for (int64_t s0 = 0; s0 < src_len; s0 += V) {
+        T acc[OB][V];
+        for (int oo = 0; oo < OB; ++oo)
+            for (int v = 0; v < V; ++v) acc[oo][v] = bias[o0 + oo];
+        for (int64_t dx = 0; dx < k; ++dx) {
+            for (int64_t c = 0; c < heads; ++c) {
+                for (int64_t j = 0; j < k; ++j) {
+                    const T* __restrict src = window + (c * k + j) * width + dx + s0;
+                    for (int oo = 0; oo < OB; ++oo) {
+                        const T wt = taps[(dx * heads + o0 + oo) * taps_cols + c * k + j];
+#pragma omp simd
+                        for (int v = 0; v < V; ++v) acc[oo][v] += wt * src[v];
+                    }
+                }
+            }
+        }
+        const int64_t n = src_len - s0 < V ? src_len - s0 : V;
+        for (int oo = 0; oo < OB; ++oo) {
+            T* dst = out_b + (o0 + oo) * src_len + s0;
+            if (keep_b != nullptr) {
+                for (int64_t v = 0; v < n; ++v) dst[v] = acc[oo][v] * keep_b[(s0 + v) * q_s];
+            } else {
+                for (int64_t v = 0; v < n; ++v) dst[v] = acc[oo][v];
+            }
+        }
+    }
+}
+
+template <typename T>
+int64_t ea_step(int64_t bsz, int64_t heads, int64_t src_len, int64_t k,
+                const T* logits, int64_t l_b, int64_t l_h, int64_t l_s,
+                const T* prev, int64_t p_b, int64_t p_h, int64_t p_s, double beta,
+                const T* keep, int64_t q_b, int64_t q_s,
+                const T* hist, int64_t hist_bsz, int64_t hist_len,
+                int64_t h_c, int64_t h_j, int64_t h_b, int64_t h_s,
+                const int64_t* order, const T* taps, const T* bias, T* out, T* new_hist) {
+    if (order != nullptr) {
+        for (int64_t b = 0; b < bsz; ++b) {
+            if (order[b] < 0 || order[b] >= hist_bsz) return 1 + b;
+        }
+    }
+    constexpr int V = 64 / sizeof(T);  // keys per block: one cache line
+    const int64_t r = k / 2;
+    // window row c*k + j holds key s at column r + s; zero left of it, and right of it up
+    // to the last block's reach
+    const int64_t width = (src_len + V - 1) / V * V + 2 * r;
+    const T tb = static_cast<T>(beta);
+    std::vector<T> window(static_cast<size_t>(heads * k * width), T(0));
+    for (int64_t b = 0; b < bsz; ++b) {
+        const int64_t hb = order != nullptr ? order[b] : b;
+        const T* keep_b = keep != nullptr ? keep + b * q_b : nullptr;
+        for (int64_t c = 0; c < heads; ++c) {
+            // rows 0..k-2: the history; the keys it does not have yet (hist_len..src_len-1)
+            // are never written, so they keep the window's zeros
+            for (int64_t j = 0; hist != nullptr && j + 1 < k; ++j) {
+                T* __restrict dst = window.data() + (c * k + j) * width + r;
+                const T* src = hist + c * h_c + j * h_j + hb * h_b;
+                if (h_s == 1) {
+                    std::copy(src, src + hist_len, dst);
+                } else {
+                    for (int64_t s = 0; s < hist_len; ++s) dst[s] = src[s * h_s];
+                }
+            }
+            // row k-1: M = lerp(S, A_prev, beta), zero at masked keys
+            T* __restrict m = window.data() + (c * k + k - 1) * width + r;
+            const T* lg = logits + b * l_b + c * l_h;
+            if (prev != nullptr && l_s == 1 && p_s == 1) {
+                const T* __restrict pv = prev + b * p_b + c * p_h;
+                for (int64_t s = 0; s < src_len; ++s) m[s] = lg[s] + tb * (pv[s] - lg[s]);
+            } else if (prev != nullptr) {
+                const T* pv = prev + b * p_b + c * p_h;
+                for (int64_t s = 0; s < src_len; ++s) m[s] = lg[s * l_s] + tb * (pv[s * p_s] - lg[s * l_s]);
+            } else {
+                for (int64_t s = 0; s < src_len; ++s) m[s] = lg[s * l_s];
+            }
+            if (keep_b != nullptr) {
+                for (int64_t s = 0; s < src_len; ++s) m[s] *= keep_b[s * q_s];
+            }
+        }
+        // A[o, s] = bias[o] + sum over (dx, c, j) of taps[dx*H + o, c*k + j] * window[c, j, s + dx]
+        T* out_b = out + b * heads * src_len;
+        int64_t o0 = 0;
+        for (; o0 + 4 <= heads; o0 += 4)
+            conv_rows<T, 4, V>(window.data(), width, heads, k, src_len, taps, bias, keep_b, q_s, o0, out_b);
+        for (; o0 < heads; ++o0)
+            conv_rows<T, 1, V>(window.data(), width, heads, k, src_len, taps, bias, keep_b, q_s, o0, out_b);
+        // the rows the next step sees above its own: window rows 1..k-1, one block per
+        // hypothesis, which the next step's gather reads in one sweep
+        T* hist_b = new_hist + b * heads * (k - 1) * src_len;
+        for (int64_t c = 0; c < heads; ++c) {
+            for (int64_t j = 0; j + 1 < k; ++j) {
+                const T* src = window.data() + (c * k + j + 1) * width + r;
+                std::copy(src, src + src_len, hist_b + (c * (k - 1) + j) * src_len);
+            }
+        }
+    }
+    return 0;
+}
+
+}  // namespace
+
+#define EA_STEP_ARGS(T)                                                                      \
+    int64_t bsz, int64_t heads, int64_t src_len, int64_t k,                                  \
+    const T *logits, int64_t l_b, int64_t l_h, int64_t l_s,                                  \
+    const T *prev, int64_t p_b, int64_t p_h, int64_t p_s, double beta,                       \
+    const T *keep, int64_t q_b, int64_t q_s,                                                 \
+    const T *hist, int64_t hist_bsz, int64_t hist_len,                                       \
+    int64_t h_c, int64_t h_j, int64_t h_b, int64_t h_s,                                      \
+    const int64_t *order, const T *taps, const T *bias, T *out, T *new_hist
+#define EA_STEP_CALL                                                                         \
+    ea_step(bsz, heads, src_len, k, logits, l_b, l_h, l_s, prev, p_b, p_h, p_s, beta,        \
+            keep, q_b, q_s, hist, hist_bsz, hist_len, h_c, h_j, h_b, h_s, order, taps, bias, \
+            out, new_hist)
+
+extern "C" {
+int64_t ea_step_float(EA_STEP_ARGS(float)) { return EA_STEP_CALL; }
+int64_t ea_step_double(EA_STEP_ARGS(double)) { return EA_STEP_CALL; }
+int64_t ea_step_abi_version() { return 1; }
+}
