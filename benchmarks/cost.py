@@ -29,7 +29,9 @@ Variants ``ea:autograd`` / ``ea+cross:autograd`` run the same models through the
 plain-autograd attention path (``EvolvingMultiheadAttention.impl = "autograd"``: every
 intermediate map kept for backward, explicit attention in layer 1, cross-attention
 keys/values copied per hypothesis in beam search): the implementation before the
-memory-saving path, measured in the same run.
+memory-saving path, measured in the same run. ``ea:ops`` / ``ea+cross:ops`` are the
+models as they are, but their CPU decoding steps run as PyTorch ops instead of
+step_kernel's one pass (``EvolvingMultiheadAttention.one_pass_steps = False``).
 
     python benchmarks/cost.py                                     # CPU, lengths 1x and 4x
     python benchmarks/cost.py --lengths 1,2,4,8 --plot cost.png   # ratios against length
