@@ -30,8 +30,8 @@ plain-autograd attention path (``EvolvingMultiheadAttention.impl = "autograd"``:
 intermediate map kept for backward, explicit attention in layer 1, cross-attention
 keys/values copied per hypothesis in beam search): the implementation before the
 memory-saving path, measured in the same run. ``ea:ops`` / ``ea+cross:ops`` are the
-models as they are, but their CPU decoding steps run as PyTorch ops instead of
-step_kernel's one pass (``EvolvingMultiheadAttention.one_pass_steps = False``).
+models as they are, but on a CPU their decoding steps and training maps run as PyTorch
+ops instead of step_kernel's one passes (``EvolvingMultiheadAttention.one_pass = False``).
 
     python benchmarks/cost.py                                     # CPU, lengths 1x and 4x
     python benchmarks/cost.py --lengths 1,2,4,8 --plot cost.png   # ratios against length
@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "iwslt14" / "fairseq_bpe10k"
 
 # name: (architecture, extra flags, attention implementation of the EA modules; ":ops":
-# decoding steps as PyTorch ops, not step_kernel's one pass)
+# decoding steps and training maps as PyTorch ops, not step_kernel's one passes)
 VARIANTS = {
     "vanilla": ("transformer_iwslt_de_en", [], None),
     "ea-off": ("ea_transformer_iwslt_de_en", ["--ea-no-encoder-self-attn", "--ea-no-decoder-self-attn"], None),
@@ -84,7 +84,7 @@ def build(name, task, device, precision):
     for module in model.modules():
         if isinstance(module, EvolvingMultiheadAttention):
             module.impl = impl
-            module.one_pass_steps = not ops
+            module.one_pass = not ops
     return model.half() if precision == "fp16" else model.bfloat16() if precision == "bf16" else model
 
 

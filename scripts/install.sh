@@ -11,7 +11,7 @@
 #   3. fairseq 0.12.2 from its hash-checked sdist, patched for Python 3.11 /
 #      torch >= 2.6 / numpy 2 (scripts/fairseq_patches.py), built with pip's build
 #      isolation and installed with --no-deps;
-#   4. EA's one-pass CPU decoding step, a small C++ file, compiled if a compiler is
+#   4. EA's one-pass CPU kernels (decoding steps, training maps), a small C++ file, compiled if a compiler is
 #      there (optional: see ea_fairseq/modules/step_kernel.py).
 #
 # Variables (all optional):
@@ -95,14 +95,14 @@ fi
   || die "installation finished but 'import fairseq, ea_fairseq' fails"
 "${PIP[@]}" check || die "pip check found broken requirements (see above)"
 
-# 4. EA's one-pass CPU decoding step (ea_fairseq/csrc/ea_step.cpp), built now rather than
-# on the first decode. Optional: without a C++ compiler, decoding uses PyTorch ops.
+# 4. EA's one-pass CPU kernels (ea_fairseq/csrc/ea_step.cpp), built now rather than
+# on the first use. Optional: without a C++ compiler, decoding and training use PyTorch ops.
 if [[ "${EA_FAIRSEQ_STEP_KERNEL:-auto}" == off ]]; then
-  log "EA_FAIRSEQ_STEP_KERNEL=off: not building EA's one-pass decoding step"
+  log "EA_FAIRSEQ_STEP_KERNEL=off: not building EA's one-pass CPU kernels"
 elif lib=$("$PYTHON" -c 'from ea_fairseq.modules import step_kernel; print(step_kernel.build())' 2>&1); then
-  log "EA's one-pass decoding step: ${lib##*$'\n'}"
+  log "EA's one-pass CPU kernels: ${lib##*$'\n'}"
 else
-  log "WARNING: EA's one-pass decoding step was not built, CPU decoding will use PyTorch ops (a few per cent slower):"
+  log "WARNING: EA's one-pass CPU kernels were not built, CPU decoding and training will use PyTorch ops (a few per cent slower):"
   printf '%s\n' "$lib" | tail -n 5 >&2
 fi
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then

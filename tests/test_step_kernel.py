@@ -1,6 +1,8 @@
-"""EA's one-pass decoding step on a CPU (ea_fairseq/modules/step_kernel.py and
-ea_fairseq/csrc/ea_step.cpp): the same numbers as the reference conv it stands in for,
-whole decodes and beam searches unchanged, autograd never bypassed, a bad beam order
+"""EA's one-pass CPU kernels (ea_fairseq/modules/step_kernel.py and
+ea_fairseq/csrc/ea_step.cpp): the decoding step and the whole-map conv give the same
+numbers as the reference conv they stand in for (forward and the backward's input
+gradient); whole decodes, beam searches, training calls with every mask, a model's
+training gradients and scoring unchanged; autograd never bypassed, a bad beam order
 stopped, and a clear fallback where the library cannot be built."""
 
 import itertools
@@ -8,6 +10,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fairseq.sequence_generator import SequenceGenerator
 from helpers import beam_batch_and_order, build_model, full_logits, incremental_logits, random_batch
 
@@ -53,6 +56,14 @@ def one_pass(monkeypatch, settings):
     return calls
 
 
+def _conv_and_randn(heads, k, causal, dtype, g):
+    """An EAConv with random taps and bias, and randn(*shape) in ``dtype`` drawn from g."""
+    conv = EAConv(heads, k, causal, "linear", "kaiming").to(dtype)
+    with torch.no_grad():
+        conv.conv.bias.normal_(generator=g)
+    return conv, lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
 def _reference_step(conv, logits, prev, beta, keep, history, order, alpha):
     """The step with PyTorch ops and F.conv2d over the window (evolve_step's reference
     path): the window in the beam's order, M written into it, the conv, the key mask."""
@@ -77,12 +88,7 @@ CASES = list(itertools.product(
 def test_one_pass_step_equals_the_reference_conv(one_pass, dtype, k, heads, src_len, history):
     g = torch.Generator().manual_seed(src_len * 31 + k * 7 + heads)
     n_old, bsz, alpha, beta = 5, 7, 0.7, 0.4
-    conv = EAConv(heads, k, True, "linear", "kaiming").to(dtype)
-    with torch.no_grad():
-        conv.conv.bias.normal_(generator=g)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    conv, randn = _conv_and_randn(heads, k, True, dtype, g)
 
     # logits as _scores hands them on: a view, not contiguous
     logits = randn(heads, bsz, 1, src_len).transpose(0, 1)
@@ -157,7 +163,7 @@ def test_reorders_in_one_pass_equal_a_permuted_batch(one_pass, structured):
 def _set_one_pass(model, on: bool):
     for m in model.modules():
         if isinstance(m, EvolvingMultiheadAttention):
-            m.one_pass_steps = on
+            m.one_pass = on
 
 
 def test_beam_search_is_the_same_in_one_pass_and_with_ops(one_pass):
@@ -241,3 +247,183 @@ def test_the_build_is_cached_and_leaves_nothing_half_written(settings, tmp_path)
     with pytest.raises(RuntimeError, match="out of luck"):
         step_kernel.build()
     assert not any((tmp_path / "broken").iterdir())
+
+
+# -- whole maps (training's forward and backward, scoring without autograd) -------------------
+
+@pytest.fixture
+def map_pass(monkeypatch, settings):
+    """The library required, and the arguments of each evolve_map call."""
+    settings.setenv(step_kernel.ENV_MODE, "require")
+    assert step_kernel.load() is not None
+    calls = []
+    original = step_kernel.evolve_map
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(step_kernel, "evolve_map", spy)
+    return calls
+
+
+def _reference_map(conv, s, prev, beta, keep, alpha):
+    """The forward with PyTorch ops: M = lerp(S, prev, beta) * keep, A = lerp(M, conv(M), alpha) * keep."""
+    m = s if prev is None else torch.lerp(s, prev, beta)
+    m = m if keep is None else m * keep
+    a = torch.lerp(m, F.conv2d(conv.padded(m), conv.conv.weight, conv.conv.bias), alpha)
+    return (a if keep is None else a * keep), m
+
+
+MAP_CASES = list(itertools.product(
+    [torch.float64, torch.float32],
+    [1, 3, 5],  # kernel size
+    [4, 6],  # heads
+    [1, 17, 40],  # keys: one, and either side of the 16- and 8-key blocks
+    [True, False],  # causal
+))
+
+
+@pytest.mark.parametrize("dtype,k,heads,src_len,causal", MAP_CASES)
+def test_one_pass_map_equals_the_reference_conv_forward_and_backward(map_pass, dtype, k, heads, src_len, causal):
+    g = torch.Generator().manual_seed(src_len * 13 + k * 5 + heads + causal)
+    bsz, tgt_len, alpha, beta = 3, 6, 0.7, 0.4
+    conv, randn = _conv_and_randn(heads, k, causal, dtype, g)
+
+    s = randn(heads, bsz, tgt_len, src_len).transpose(0, 1)  # a view, as _scores may hand it on
+    prev = randn(bsz, heads, tgt_len, src_len)
+    keys = (torch.rand(bsz, 1, 1, src_len, generator=g) > 0.3).to(dtype)
+    cells = (torch.rand(1, 1, tgt_len, src_len, generator=g) > 0.3).to(dtype)
+    rows = (torch.rand(bsz, 1, tgt_len, 1, generator=g) > 0.3).to(dtype)
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=0, atol=1e-5)
+    top, bottom = conv._rows_padding()
+    r = k // 2
+    for p, keep in ((prev, keys), (None, None), (prev, cells * keys), (prev, rows * keys)):
+        with torch.no_grad():
+            want, want_m = _reference_map(conv, s, p, beta, keep, alpha)
+            x = s.new_zeros(bsz, heads, tgt_len + k - 1, src_len + 2 * r)
+            got = step_kernel.evolve_map(s, p, beta, keep, conv.taps_of(conv.folded_weight(alpha)),
+                                         conv.conv.bias * alpha, k, top, m_out=x[:, :, top: top + tgt_len, r: r + src_len])
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(x, conv.padded(want_m), rtol=0, atol=0)  # M, zero-padded as the conv takes it
+        # the backward's dL/dM (keep-masked): the folded weights flipped and transposed
+        m = want_m.detach().requires_grad_()
+        a = torch.lerp(m, conv(m), alpha)
+        a = a if keep is None else a * keep
+        d_a = randn(*a.shape)
+        (d_m,) = torch.autograd.grad(a, m, d_a)
+        d_m = d_m if keep is None else d_m * keep
+        w_t = conv.folded_weight(alpha).flip(2, 3).transpose(0, 1)
+        with torch.no_grad():
+            got_d = step_kernel.evolve_map(d_a, None, 0.0, keep, conv.taps_of(w_t), None, k, bottom)
+        torch.testing.assert_close(got_d, d_m, **tol)
+    assert len(map_pass) == 8
+
+
+def test_one_pass_map_checks_its_inputs(map_pass):
+    conv = EAConv(4, 3, True, "linear", "kaiming")
+    s = torch.randn(2, 4, 5, 6)
+    taps = conv.taps_of(conv.folded_weight(0.5))
+    with pytest.raises(ValueError, match=r"prev is \(2, 4, 5, 7\) torch.float32, expected \(2, 4, 5, 6\)"):
+        step_kernel.evolve_map(s, torch.randn(2, 4, 5, 7), 0.5, None, taps, None, 3, 2)
+    with pytest.raises(ValueError, match="top 3 of kernel 3"):
+        step_kernel.evolve_map(s, None, 0.0, None, taps, None, 3, 3)
+    with pytest.raises(ValueError, match=r"taps \(12, 8\), expected \(12, 12\)"):
+        step_kernel.evolve_map(s, None, 0.0, None, taps[:, :8], None, 3, 2)
+    with pytest.raises(ValueError, match="float32 / float64 on the CPU"):
+        step_kernel.evolve_map(s.half(), None, 0.0, None, taps, None, 3, 2)
+
+
+def _module_call(module, q, kv, prev, kpm, attn_mask, qpm, seed):
+    """One training call of an EA module: outputs and every gradient."""
+    q = q.clone().requires_grad_()
+    kv = q if module.self_attention else kv.clone().requires_grad_()
+    prev = prev.clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    with module.evolve(prev, qpm) as link:
+        out, _ = module(q, kv, kv, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=False)
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(link.out.shape, generator=g, dtype=out.dtype)]
+    torch.autograd.backward([out, link.out], grads)
+    conv = module.ea_conv.conv
+    return [out, link.out, q.grad, prev.grad, conv.weight.grad, conv.bias.grad] + ([] if kv is q else [kv.grad])
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "cross"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_training_call_in_one_pass_equals_the_ops(map_pass, kind, dtype, atol):
+    """Forward and backward of one EA call, with every mask there is (padded keys, a
+    float attn_mask with values other than 0 / -inf, padded query rows, a query row with
+    no key left): the one pass and the PyTorch ops give the same outputs and gradients."""
+    from ea_fairseq.modules.evolving_attention import EASpec
+
+    spec = EASpec(alpha=0.7, beta=0.4, kernel_size=3, causal=kind != "encoder", activation="linear",
+                  init="kaiming", has_conv=True)
+    g = torch.Generator().manual_seed(5)
+    bsz, tgt_len, dim = 3, 7, 16
+    src_len = 9 if kind == "cross" else tgt_len
+    q = torch.randn(tgt_len, bsz, dim, generator=g, dtype=torch.float64).to(dtype)
+    kv = torch.randn(src_len, bsz, dim, generator=g, dtype=torch.float64).to(dtype)
+    prev = torch.randn(bsz, 4, tgt_len, src_len, generator=g, dtype=torch.float64).to(dtype)
+    kpm = torch.zeros(bsz, src_len, dtype=torch.bool)
+    kpm[0, -3:] = True
+    attn_mask = 0.3 * torch.randn(tgt_len, src_len, generator=g, dtype=torch.float64).to(dtype)
+    if kind == "decoder":
+        attn_mask = attn_mask.masked_fill(torch.ones(tgt_len, src_len, dtype=torch.bool).triu(1), float("-inf"))
+    attn_mask[2, :] = float("-inf")  # a row with no key to attend to
+    qpm = torch.zeros(bsz, tgt_len, dtype=torch.bool)
+    qpm[1, -2:] = True
+    results = []
+    for on in (True, False):
+        torch.manual_seed(0)
+        module = EvolvingMultiheadAttention(dim, 4, ea=spec, self_attention=kind != "cross",
+                                            encoder_decoder_attention=kind == "cross").to(dtype)
+        with torch.no_grad():
+            module.ea_conv.conv.bias.normal_(generator=torch.Generator().manual_seed(2))
+        module.one_pass = on
+        n = len(map_pass)
+        results.append(_module_call(module, q, kv, prev, kpm, attn_mask, qpm, seed=7))
+        assert len(map_pass) - n == (2 if on else 0)  # forward and backward
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
+def test_training_step_of_a_model_in_one_pass_equals_the_ops(map_pass):
+    model = build_model("ea_transformer", LINEAR["cross-kaiming"]).train()
+    d = model.encoder.dictionary
+    batch = random_batch(d, [6, 9, 3, 7], [5, 8, 2, 6])
+    grads = {}
+    for on in (True, False):
+        _set_one_pass(model, on)
+        model.zero_grad(set_to_none=True)
+        n = len(map_pass)
+        full_logits(model, batch).sum().backward()
+        assert (len(map_pass) > n) == on
+        grads[on] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=0, atol=1e-10, msg=name)
+    # scoring without autograd takes it too, with the same logits
+    with torch.no_grad():
+        n = len(map_pass)
+        _set_one_pass(model, True)
+        scored = full_logits(model, batch)
+        assert len(map_pass) > n
+        _set_one_pass(model, False)
+        torch.testing.assert_close(scored, full_logits(model, batch), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["gelu", "bfloat16", "autograd"])
+def test_maps_outside_the_one_pass_keep_the_ops(map_pass, case):
+    """A non-linear activation, half-precision maps and the plain-autograd implementation
+    never reach the one pass (it covers linear float32 / float64 maps of the fused path)."""
+    extra = LINEAR["cross-kaiming"] + (["--ea-activation", "gelu"] if case == "gelu" else [])
+    model = build_model("ea_transformer", extra, dtype=torch.bfloat16 if case == "bfloat16" else torch.float64)
+    if case == "autograd":
+        for m in model.modules():
+            if isinstance(m, EvolvingMultiheadAttention):
+                m.impl = "autograd"
+    batch = random_batch(model.encoder.dictionary, [6, 3], [5, 4])
+    full_logits(model.train(), batch).float().sum().backward()
+    assert not map_pass

@@ -176,21 +176,50 @@ class EAConv(nn.Module):
         d_m = F.conv2d(g, w.flip(2, 3).transpose(0, 1)) if need_m else None
         d_w = d_b = None
         if need_w:
-            bsz, heads, rows, width = x.shape
-            # out[t, s] = sum over taps of w[dy, dx] x[t + dy, s + dx], flattened along
-            # (row, key): g's cell (t, s) sits at start + t*width + s, x's (t+dy, s+dx) at
-            # off + t*width + s. The last 2r cells of the span are g's zero padding.
-            n = (rows - k + 1) * width - 2 * r
-            start = bottom * width + r
-            g_flat = g.view(bsz, heads, rows * width)[:, :, start: start + n]
-            x_flat = x.reshape(bsz, heads, rows * width)
-            taps = [torch.bmm(g_flat, x_flat[:, :, dy * width + dx: dy * width + dx + n].transpose(1, 2))
-                    for dy in range(k) for dx in range(k)]  # each (B, H_out, H_in)
-            wide = torch.promote_types(x.dtype, torch.float32)
-            d_w = torch.stack(taps, -1).sum(0, dtype=wide).view(heads, heads, k, k).to(weight.dtype)
+            d_w = self.weight_grad(g, x, weight.dtype)
         if need_b:
             d_b = grad.sum((0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32)).to(bias.dtype)
         return d_m, d_w, d_b
+
+    def weight_grad(self, g: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The weight gradient (H, H, k, k), in ``dtype``, of the conv from its input ``x``
+        (``padded(m)``) and its output gradient ``g`` padded the other way round (the
+        shape of x; see ``backward``): one product per tap of g with x shifted by the tap,
+        read in place on the padded grid."""
+        k, r = self.kernel_size, self.kernel_size // 2
+        bottom = self._rows_padding()[1]
+        bsz, heads, rows, width = x.shape
+        # out[t, s] = sum over taps of w[dy, dx] x[t + dy, s + dx], flattened along
+        # (row, key): g's cell (t, s) sits at start + t*width + s, x's (t+dy, s+dx) at
+        # off + t*width + s. The last 2r cells of the span are g's zero padding.
+        n = (rows - k + 1) * width - 2 * r
+        start = bottom * width + r
+        g_flat = g.view(bsz, heads, rows * width)[:, :, start: start + n]
+        x_flat = x.reshape(bsz, heads, rows * width)
+        taps = [torch.bmm(g_flat, x_flat[:, :, dy * width + dx: dy * width + dx + n].transpose(1, 2))
+                for dy in range(k) for dx in range(k)]  # each (B, H_out, H_in)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return torch.stack(taps, -1).sum(0, dtype=wide).view(heads, heads, k, k).to(dtype)
+
+    def folded_weight(self, alpha: float) -> Tensor:
+        """alpha * W with the residual (1 - alpha) M folded in at the tap that reads the
+        output's own cell (row ``top`` of the window, the centre key), (H, H, k, k) in at
+        least float32, no graph: lerp(M, conv(M), alpha) = conv(M, this) + alpha * bias
+        for a linear activation."""
+        weight, k = self.conv.weight, self.kernel_size
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        with torch.no_grad():
+            w = weight.to(wide) * alpha
+            eye = torch.eye(weight.size(0), dtype=wide, device=w.device)
+            w[:, :, self._rows_padding()[0], k // 2] += (1.0 - alpha) * eye
+        return w
+
+    @staticmethod
+    def taps_of(w: Tensor) -> Tensor:
+        """A conv weight (H_out, H_in, k, k) as step_kernel's taps (k*H_out, H_in*k): row
+        dx*H_out + o, column c*k + dy."""
+        k = w.size(3)
+        return w.permute(3, 0, 1, 2).reshape(k * w.size(0), w.size(1) * k)
 
     def step_window(self, history: Optional[Tensor], new_rows: Tensor,
                     order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -387,11 +416,21 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
         # q: (B*H, Tq, D), pre-scaled; k, v: (B*H, Tk, D); prev: (B, H, Tq, Tk) or None
         masks = module._build_masks(q, k, mask_inputs)
         conv = module.ea_conv
-        m = module._mix(module._scores(q, k, q.size(0) // module.num_heads), prev, masks.keep)
+        scores = module._scores(q, k, q.size(0) // module.num_heads)
         x = None  # the conv's input
-        if conv is None:
-            a = m
+        ctx.one_pass = conv is not None and module._maps_in_one_pass(scores, prev)
+        if ctx.one_pass:  # mix, padding, conv, lerp and mask in one pass; M written into x
+            ea, size, r = module.ea, conv.kernel_size, conv.kernel_size // 2
+            top = conv._rows_padding()[0]
+            bsz, heads, tgt_len, src_len = scores.shape
+            x = scores.new_zeros(bsz, heads, tgt_len + size - 1, src_len + 2 * r)
+            a = step_kernel.evolve_map(
+                scores, prev, ea.beta, masks.keep, conv.taps_of(conv.folded_weight(ea.alpha)),
+                bias.detach() * ea.alpha, size, top, m_out=x[:, :, top: top + tgt_len, r: r + src_len])
+        elif conv is None:
+            a = module._mix(scores, prev, masks.keep)
         else:
+            m = module._mix(scores, prev, masks.keep)
             x = conv.padded(m)
             a = torch.lerp(m, conv.conv_padded(x, weight, bias), module.ea.alpha)
             a = a if masks.keep is None else a * masks.keep
@@ -438,8 +477,27 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
             return c if keep_map is None else keep_map * c
 
         d_w = d_b = None
+        masked = False  # whether d_m is keep-masked already
         if conv is None:  # A_l = M_l
             d_m = d_map
+        elif ctx.one_pass:  # the same in one pass: the conv with the folded weights transposed
+            size, r = conv.kernel_size, conv.kernel_size // 2
+            bottom = conv._rows_padding()[1]
+            tgt_len, src_len = d_map.shape[2:]
+            g = g_rows = None  # keep * d_map, padded as conv.backward pads it (for the weights)
+            if needs[6]:
+                g = d_map.new_zeros(x.shape)
+                g_rows = g[:, :, bottom: bottom + tgt_len, r: r + src_len]
+            w_t = conv.folded_weight(ea.alpha).flip(2, 3).transpose(0, 1)
+            d_m = step_kernel.evolve_map(d_map, None, 0.0, keep_map, conv.taps_of(w_t), None, size, bottom,
+                                         m_out=g_rows)
+            masked = True
+            wide = torch.promote_types(d_map.dtype, torch.float32)
+            if needs[6]:
+                d_w = conv.weight_grad(g, x, weight.dtype) * ea.alpha
+            if needs[7]:
+                kept_grad = g if g is not None else d_map * times_keep(1.0)
+                d_b = (kept_grad.sum((0, 2, 3), dtype=wide) * ea.alpha).to(bias.dtype)
         else:  # A_l = lerp(M_l, C_l, alpha) * keep
             d_c = d_map * times_keep(ea.alpha)
             d_m, d_w, d_b = conv.backward(d_c, x, weight, bias, True, needs[6], needs[7])
@@ -448,9 +506,13 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
         # M_l = lerp(S_l, A_{l-1}, beta) * keep
         d_prev = None
         if ctx.prev_dtype is not None and ea.beta > 0:
-            d_prev = (d_m * times_keep(ea.beta)).to(ctx.prev_dtype) if needs[5] else None
-            d_m = d_m * times_keep(1.0 - ea.beta)
-        elif keep_map is not None:
+            if masked:
+                d_prev = (d_m * ea.beta).to(ctx.prev_dtype) if needs[5] else None
+                d_m = d_m * (1.0 - ea.beta)
+            else:
+                d_prev = (d_m * times_keep(ea.beta)).to(ctx.prev_dtype) if needs[5] else None
+                d_m = d_m * times_keep(1.0 - ea.beta)
+        elif keep_map is not None and not masked:
             d_m = d_m * keep_map
         d_s = d_m.flatten(0, 1)  # (B*H, Tq, Tk)
         d_q = torch.bmm(d_s, k) if needs[2] else None
@@ -547,8 +609,9 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             EAConv(num_heads, ea.kernel_size, ea.causal, ea.activation, ea.init) if ea.has_conv else None
         )
         self.impl = "fused"  # or "autograd": see the module docstring
-        # decoding steps on a CPU in one pass (step_kernel) where it applies; False: PyTorch ops
-        self.one_pass_steps = True
+        # on a CPU, decoding steps and whole maps in one pass (step_kernel) where it applies;
+        # False: PyTorch ops throughout
+        self.one_pass = True
         self._ea_link: Optional[EALink] = None
 
     def extra_repr(self) -> str:
@@ -830,8 +893,17 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         grad = torch.is_grad_enabled() and (
             logits.requires_grad or conv.conv.weight.requires_grad or conv.conv.bias.requires_grad
             or (prev is not None and prev.requires_grad))
-        return (self.impl == "fused" and self.one_pass_steps and conv.activation == "linear" and not grad
+        return (self.impl == "fused" and self.one_pass and conv.activation == "linear" and not grad
                 and (prev is None or prev.dtype == logits.dtype) and step_kernel.applies(logits))
+
+    def _maps_in_one_pass(self, logits: Tensor, prev: Optional[Tensor]) -> bool:
+        """Whether a whole map's mix, conv, lerp and mask run as ``step_kernel.evolve_map``
+        (one pass on a CPU; training's forward and backward, and scoring without autograd)
+        rather than as PyTorch ops: a linear activation, float32 / float64 maps (prev as
+        well), where the library is built. The caller keeps autograd out (the attention
+        Function, or no gradient)."""
+        return (self.impl == "fused" and self.one_pass and self.ea_conv.activation == "linear"
+                and (prev is None or prev.dtype == logits.dtype) and step_kernel.map_applies(logits))
 
     def _evolve(self, logits: Tensor, prev: Optional[Tensor], keep: Optional[Tensor],
                 incremental_state: IncrementalState) -> Tensor:
@@ -859,6 +931,13 @@ class EvolvingMultiheadAttention(MultiheadAttention):
             if taps is not None:
                 state["static_taps"], state["static_bias"] = taps
             self.set_incremental_state(incremental_state, "ea_state", state)
+        elif self._maps_in_one_pass(logits, prev) and not (torch.is_grad_enabled() and (
+                logits.requires_grad or (prev is not None and prev.requires_grad)
+                or any(p.requires_grad for p in self.ea_conv.parameters()))):
+            conv, top = self.ea_conv, self.ea_conv._rows_padding()[0]
+            a = step_kernel.evolve_map(logits, prev, ea.beta, keep, conv.taps_of(conv.folded_weight(ea.alpha)),
+                                       conv.conv.bias.detach() * ea.alpha, ea.kernel_size, top)
+            keep = None  # applied
         else:
             m = self._mix(logits, prev, keep)
             a = torch.lerp(m, self.ea_conv(m), ea.alpha)  # alpha C + (1-alpha) M

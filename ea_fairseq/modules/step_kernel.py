@@ -1,13 +1,22 @@
-"""EA's incremental-decoding step on a CPU in one pass (``ea_fairseq/csrc/ea_step.cpp``).
+"""EA's decoding step and whole-map conv on a CPU in one pass (``ea_fairseq/csrc/ea_step.cpp``).
 
 With PyTorch ops, a decoding step of an EA layer is about ten small ops (the conv's
 window zeroed, the previous rows gathered into it in the beam's order, the mix, a
 matmul, the shifted adds, the key mask), each a pass over cold memory inside a decoder
 step; together they cost a few per cent of a CPU beam search. ``step`` does the same
 arithmetic in one pass per hypothesis (see the C++ file). It covers the usual case: a
-CPU, float32 or float64, one new query row, a linear activation and no autograd;
-``EvolvingMultiheadAttention`` takes the PyTorch ops everywhere else and where the
-library is not there.
+CPU, float32 or float64, one new query row, a linear activation and no autograd.
+
+In training, a layer's map goes through the mix, the conv's padding, the conv, the lerp
+and the mask: five passes, and oneDNN's conv for as few channels as heads writes its
+output with the channels padded to 16 (four times the bytes, then a reorder), which on
+the 2-core VM costs 1.5 ms hot and, now and then, 20 to 40 ms in a training step.
+``evolve_map`` does all of it in one pass (about 1 ms for a 29 x 4 x 73 x 77 map), and
+the backward's input gradient, the same conv with the weights transposed, in another.
+It covers linear activations in float32 / float64 on a CPU.
+
+``EvolvingMultiheadAttention`` takes the PyTorch ops everywhere else, where
+``one_pass`` is False, and where the library is not there.
 
 The library is built on first use with the system's C++ compiler (``$CXX``, else
 ``c++`` / ``g++`` / ``clang++``), in about a second, and cached under
@@ -39,8 +48,9 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "ea_step.cpp"
 ENV_MODE = "EA_FAIRSEQ_STEP_KERNEL"
 ENV_DIR = "EA_FAIRSEQ_KERNEL_DIR"
 MODES = ("auto", "off", "require")
-ABI_VERSION = 1
+ABI_VERSION = 2
 DTYPES = {torch.float32: "ea_step_float", torch.float64: "ea_step_double"}
+MAP_DTYPES = {torch.float32: "ea_map_float", torch.float64: "ea_map_double"}
 # -march=native first (the file is cached per CPU), then portable flags
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd"], ["-O3"])
 
@@ -137,6 +147,11 @@ def _open(path: Path) -> ctypes.CDLL:
     for name in DTYPES.values():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, i64
+    map_args = ([i64] * 7 + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [ctypes.c_double] + [ptr] + [i64] * 3
+                + [ptr] * 3 + [i64] * 3 + [ptr] + [i64] * 3)
+    for name in MAP_DTYPES.values():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = map_args, None
     return lib
 
 
@@ -162,10 +177,11 @@ def load() -> Optional[ctypes.CDLL]:
                 lib = _open(build())
             except (OSError, RuntimeError) as e:
                 if current[0] == "require":
-                    raise RuntimeError(f"{ENV_MODE}=require: EA's one-pass decoding step is not available: {e}") from e
+                    raise RuntimeError(f"{ENV_MODE}=require: EA's one-pass CPU kernels are not available: {e}") from e
                 logger.warning(
-                    "EA's one-pass decoding step could not be built, so CPU decoding uses PyTorch ops "
-                    "instead (the same results, a few per cent slower); set %s=off to skip trying. %s",
+                    "EA's one-pass CPU kernels (decoding steps, training maps) could not be built, so CPU "
+                    "decoding and training use PyTorch ops instead (the same results, a few per cent "
+                    "slower); set %s=off to skip trying. %s",
                     ENV_MODE, e)
         _state.update(key=current, lib=lib)
         return lib
@@ -239,3 +255,64 @@ def step(logits: Tensor, prev: Optional[Tensor], beta: float, keep: Optional[Ten
         raise IndexError(f"evolving attention: the beam's order gives hypothesis {bad - 1} the index "
                          f"{int(order[bad - 1])}, out of range for {h_bsz} cached hypotheses")
     return out, rows
+
+
+def map_applies(maps: Tensor) -> bool:
+    """Whether ``evolve_map`` takes maps like ``maps`` (B, H, Tq, Tk) here."""
+    return maps.device.type == "cpu" and maps.dtype in MAP_DTYPES and maps.numel() > 0 and load() is not None
+
+
+def evolve_map(s: Tensor, prev: Optional[Tensor], beta: float, keep: Optional[Tensor], taps: Tensor,
+               bias: Optional[Tensor], kernel_size: int, top: int, m_out: Optional[Tensor] = None) -> Tensor:
+    """A whole map's conv in one pass, without autograd (training's forward and backward):
+    out = (bias + conv(X, taps)) * keep, X = lerp(s, prev, beta) * keep, zero-padded with
+    ``top`` rows above the map and k-1-top below, k/2 columns either side; X written into
+    ``m_out`` where given (a (B, H, Tq, Tk) view, keys at unit stride). s, prev
+    (B, H, Tq, Tk); keep broadcastable to (B, 1, Tq, Tk) or None; taps (k*H, H*k) as
+    ``EAConv.step_taps`` lays them out, bias (H,) or None. Returns out (B, H, Tq, Tk),
+    contiguous. Call where ``map_applies``."""
+    lib = load()
+    bsz, heads, tgt_len, src_len = s.shape
+    k, dtype = kernel_size, s.dtype
+    if lib is None:
+        raise RuntimeError(f"step_kernel.evolve_map: the library is not there ({ENV_MODE}={mode()})")
+    if s.device.type != "cpu" or dtype not in MAP_DTYPES or not 0 <= top < k:
+        raise ValueError(f"step_kernel.evolve_map: maps {tuple(s.shape)} {dtype} on {s.device}, "
+                         f"top {top} of kernel {k}: expected float32 / float64 on the CPU, 0 <= top < k")
+
+    def rows(t: Optional[Tensor], what: str) -> Optional[Tensor]:
+        if t is None:
+            return None
+        if t.dtype != dtype or t.device != s.device or tuple(t.shape) != tuple(s.shape):
+            raise ValueError(f"step_kernel.evolve_map: {what} is {tuple(t.shape)} {t.dtype}, "
+                             f"expected {tuple(s.shape)} {dtype}")
+        return t if t.stride(3) == 1 else t.contiguous()
+
+    s = rows(s, "s")
+    prev = rows(prev, "prev") if beta > 0 else None
+    if m_out is not None and (rows(m_out, "m_out") is not m_out):
+        raise ValueError("step_kernel.evolve_map: m_out must have its keys at unit stride")
+    q_ptr, q_st = 0, (0, 0, 0, 0)
+    if keep is not None:
+        keep = keep.to(dtype).expand(bsz, 1, tgt_len, src_len)
+        q_ptr, q_st = keep.data_ptr(), keep.stride()
+    taps = taps.to(dtype).contiguous()
+    if tuple(taps.shape) != (k * heads, heads * k):
+        raise ValueError(f"step_kernel.evolve_map: taps {tuple(taps.shape)}, expected {(k * heads, heads * k)}")
+    b_ptr = 0
+    if bias is not None:
+        bias = bias.to(dtype).contiguous()
+        b_ptr = bias.data_ptr()
+    out = s.new_empty(bsz, heads, tgt_len, src_len)
+    p_ptr, p_st = (0, (0, 0, 0, 0)) if prev is None else (prev.data_ptr(), prev.stride())
+    m_ptr, m_st = (0, (0, 0, 0, 0)) if m_out is None else (m_out.data_ptr(), m_out.stride())
+    s_st, o_st = s.stride(), out.stride()
+    # one thread: splitting the hypotheses over torch's threads (ctypes lets go of the GIL)
+    # measured no faster on the 2-core VM, where one pass is bound by memory
+    getattr(lib, MAP_DTYPES[dtype])(
+        0, bsz, heads, tgt_len, src_len, k, top,
+        s.data_ptr(), s_st[0], s_st[1], s_st[2],
+        p_ptr, p_st[0], p_st[1], p_st[2], float(beta),
+        q_ptr, q_st[0], q_st[2], q_st[3], taps.data_ptr(), b_ptr,
+        m_ptr, m_st[0], m_st[1], m_st[2], out.data_ptr(), o_st[0], o_st[1], o_st[2])
+    return out
