@@ -302,8 +302,9 @@ def test_one_pass_map_equals_the_reference_conv_forward_and_backward(map_pass, d
         with torch.no_grad():
             want, want_m = _reference_map(conv, s, p, beta, keep, alpha)
             x = s.new_zeros(bsz, heads, tgt_len + k - 1, src_len + 2 * r)
+            interior = x[:, :, top: top + tgt_len, r: r + src_len]
             got = step_kernel.evolve_map(s, p, beta, keep, conv.taps_of(conv.folded_weight(alpha)),
-                                         conv.conv.bias * alpha, k, top, m_out=x[:, :, top: top + tgt_len, r: r + src_len])
+                                         conv.conv.bias * alpha, k, top, m_out=interior)
         torch.testing.assert_close(got, want, **tol)
         torch.testing.assert_close(x, conv.padded(want_m), rtol=0, atol=0)  # M, zero-padded as the conv takes it
         # the backward's dL/dM (keep-masked): the folded weights flipped and transposed
@@ -343,7 +344,7 @@ def _module_call(module, q, kv, prev, kpm, attn_mask, qpm, seed):
     with module.evolve(prev, qpm) as link:
         out, _ = module(q, kv, kv, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=False)
     g = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(link.out.shape, generator=g, dtype=out.dtype)]
+    grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (out, link.out)]
     torch.autograd.backward([out, link.out], grads)
     conv = module.ea_conv.conv
     return [out, link.out, q.grad, prev.grad, conv.weight.grad, conv.bias.grad] + ([] if kv is q else [kv.grad])
