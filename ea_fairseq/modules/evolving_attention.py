@@ -408,7 +408,9 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
     inputs and, with attention dropout, the boolean keep-mask: two (B, H, Tq, Tk) maps
     per layer. The backward is written out: neither q k^T nor the conv nor (in float32)
     the softmax is run again, and the map a layer hands on is kept by no one (the next
-    layer keeps its own M instead)."""
+    layer keeps its own M instead). On a CPU, the map's mix, conv, lerp and mask, and the
+    backward's input gradient, each run as one pass of ``step_kernel.evolve_map`` where
+    ``_maps_in_one_pass`` says so."""
 
     @staticmethod
     def forward(ctx, module: "EvolvingMultiheadAttention", mask_inputs: "MaskInputs", q: Tensor, k: Tensor,
@@ -504,14 +506,11 @@ class _EvolvingAttentionFunction(torch.autograd.Function):
             if ea.alpha < 1:
                 d_m = d_m.add_(d_c, alpha=(1.0 - ea.alpha) / ea.alpha)  # (1 - alpha) * keep * d_map
         # M_l = lerp(S_l, A_{l-1}, beta) * keep
+        scaled = (lambda c: c) if masked else times_keep
         d_prev = None
         if ctx.prev_dtype is not None and ea.beta > 0:
-            if masked:
-                d_prev = (d_m * ea.beta).to(ctx.prev_dtype) if needs[5] else None
-                d_m = d_m * (1.0 - ea.beta)
-            else:
-                d_prev = (d_m * times_keep(ea.beta)).to(ctx.prev_dtype) if needs[5] else None
-                d_m = d_m * times_keep(1.0 - ea.beta)
+            d_prev = (d_m * scaled(ea.beta)).to(ctx.prev_dtype) if needs[5] else None
+            d_m = d_m * scaled(1.0 - ea.beta)
         elif keep_map is not None and not masked:
             d_m = d_m * keep_map
         d_s = d_m.flatten(0, 1)  # (B*H, Tq, Tk)
