@@ -1,4 +1,4 @@
-// One incremental-decoding step of an evolving-attention layer on a CPU, in one pass.
+// Evolving attention on a CPU in one pass: an incremental-decoding step, and a whole map.
 //
 // EvolvingMultiheadAttention._evolve with torch ops runs about ten small ops per layer
 // and step (the conv's window zeroed, the previous rows gathered into it in the beam's
@@ -7,6 +7,10 @@
 // pass over each input: per hypothesis, a window of k rows (the k-1 previous rows of M
 // and the new one) is built in a small buffer that stays in L1, the conv's output row
 // is accumulated from it, and the k-1 rows the next step needs are written out.
+//
+// ea_map (below) does the same for a whole map in training: the mix, the conv, the lerp
+// and the mask of every row in one pass, and, with the taps transposed, the backward's
+// input gradient.
 //
 // Built by ea_fairseq/modules/step_kernel.py with the system's C++ compiler into a plain
 // shared library and called through ctypes (no torch headers: it builds in about a
