@@ -53,7 +53,7 @@ EA_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
 }
 EA_INITS = ("dirac", "kaiming")
-EA_IMPLS = ("fused", "autograd")
+EA_IMPLS = ("eager", "fused")  # --ea-attn-impl: the reference, or the fast path
 
 # fairseq's additive masks hold -inf, or -1e8 / -1e4 where its encoder layer turns a
 # boolean mask into a float one; anything at or below this counts as "masked" (excluded
@@ -74,6 +74,7 @@ class EASpec:
     activation: str  # key of EA_ACTIVATIONS
     init: str  # one of EA_INITS
     has_conv: bool  # False in layer 1 of a stack (nothing to evolve from) or when alpha == 0
+    impl: str = "fused"  # one of EA_IMPLS
 
 
 def _conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool,
@@ -607,7 +608,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         self.ea_conv = (
             EAConv(num_heads, ea.kernel_size, ea.causal, ea.activation, ea.init) if ea.has_conv else None
         )
-        self.impl = "fused"  # or "autograd": see the module docstring
+        self.impl = "autograd" if ea.impl == "eager" else "fused"  # see the module docstring
         # on a CPU, decoding steps and whole maps in one pass (step_kernel) where it applies;
         # False: PyTorch ops throughout
         self.one_pass = True
