@@ -126,3 +126,16 @@ def beam_batch_and_order(dictionary: Dictionary, structured: bool, beam: int = 3
     else:
         new_order = torch.randperm(beam * n_sent, generator=g)
     return batch, new_order
+
+
+def set_impl(model, impl: str):
+    """Switch every EA module of ``model`` to ``impl`` ("eager" or "fused"), as a model built
+    with ``--ea-attn-impl impl`` would have it. Returns the model."""
+    import dataclasses
+
+    from ea_fairseq.modules import EvolvingMultiheadAttention
+
+    for m in model.modules():
+        if isinstance(m, EvolvingMultiheadAttention):
+            m.ea = dataclasses.replace(m.ea, impl=impl)
+    return model

@@ -79,15 +79,16 @@ def _reference_stack(modules, x, key_pad, causal, query_pad):
     return outs, maps
 
 
+@pytest.mark.parametrize("impl", ["eager", "fused"])
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
 @pytest.mark.parametrize("kernel", [3, 5])
-def test_stack_matches_the_formulas(causal, kernel):
+def test_stack_matches_the_formulas(causal, kernel, impl):
     torch.manual_seed(0)
     T, B, C, H = 6, 2, 8, 2
     modules = []
     for layer in range(3):
         spec = EASpec(alpha=0.7, beta=0.3, kernel_size=kernel, causal=causal, activation="leaky_relu",
-                      init="kaiming", has_conv=layer > 0)
+                      init="kaiming", has_conv=layer > 0, impl=impl)
         modules.append(EvolvingMultiheadAttention(C, H, ea=spec, self_attention=True).double().eval())
     x = torch.randn(T, B, C, dtype=torch.float64)
     key_pad = torch.tensor([[True, True, False, False, False, False], [False] * T])  # left-padded
@@ -95,26 +96,27 @@ def test_stack_matches_the_formulas(causal, kernel):
     attn_mask = torch.triu(torch.full((T, T), -math.inf, dtype=torch.float64), 1) if causal else None
 
     want_out, want_maps = _reference_stack(modules, x, key_pad, causal, query_pad)
+    keep = ~key_pad[:, None, None, :] & ~query_pad[:, None, :, None]  # where the maps are defined
+    if causal:
+        keep = keep & ~attn_mask.isinf()
     prev = None
     for mod, w_out, w_map in zip(modules, want_out, want_maps):
-        with mod.evolve(prev, query_pad) as link:
-            out, _ = mod(x, x, x, key_padding_mask=key_pad, attn_mask=attn_mask, need_weights=False)
+        out, _, prev = mod(x, x, x, key_padding_mask=key_pad, attn_mask=attn_mask, need_weights=False,
+                           ea_prev=prev, query_padding_mask=query_pad)
         real = ~key_pad.t()  # (T, B): outputs at padded positions are not used
         torch.testing.assert_close(out[real], w_out[real], rtol=0, atol=1e-12)
-        torch.testing.assert_close(link.out, w_map, rtol=0, atol=1e-12)
-        prev = link.out
+        torch.testing.assert_close(prev * keep, w_map, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ["linear", "relu"])
 @pytest.mark.parametrize("kernel", [3, 5])
-@pytest.mark.parametrize("alpha", [0.3, 1.0])
 @pytest.mark.parametrize("grows", [True, False], ids=["self", "cross"])
 @pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "conv2d"])
-def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, kernel, alpha, grows, matmul):
-    """EAConv.step_window + evolve_step, one row at a time with the rows it hands on (keys growing by
-    one per step as in self-attention, or fixed as in cross-attention), gives the rows of
-    lerp(M, act(causal conv(M)), alpha) over the whole map, written out with loops; by
-    its matmul (folded weights) and by its F.conv2d path."""
+def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, kernel, grows, matmul):
+    """One new row at a time, given the k-1 rows above it (keys growing by one per step as
+    in self-attention, or fixed as in cross-attention), EAConv gives the rows of
+    act(causal conv(M)) over the whole map, written out with loops: by its matrix product
+    (``step_matmul``, the fused path) and by F.conv2d (``forward`` with history, eager)."""
     from ea_fairseq.modules.evolving_attention import EA_ACTIVATIONS, EAConv
 
     torch.manual_seed(0)
@@ -135,16 +137,14 @@ def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, ker
                     y, x = i - (kernel - 1) + dy, j - r + dx
                     if 0 <= y < T and 0 <= x < T:
                         c += m[:, :, y, x] @ w[:, :, dy, dx].T  # (B, H_in) -> (B, H_out)
-            want[:, :, i, j] = (1 - alpha) * m[:, :, i, j] + alpha * EA_ACTIVATIONS[activation](c)
-    rows = taps = None
+            want[:, :, i, j] = EA_ACTIVATIONS[activation](c)
     with torch.no_grad():
         for i in range(T):
             width = i + 1 if grows else T
-            window, m_rows = conv.step_window(rows, m[:, :, i:i + 1, :width])
-            m_rows.copy_(m[:, :, i:i + 1, :width])
-            got, rows, taps = conv.evolve_step(window, alpha, taps, matmul=matmul)
-            # the folded weights come back for the next step exactly where the matmul ran
-            assert (taps is not None) == (matmul and activation == "linear")
-            assert rows.shape == (H, kernel - 1, B, width)
+            history = torch.zeros(B, H, kernel - 1, width - 1 if grows and i > 0 else width, dtype=torch.float64)
+            rows = m[:, :, max(0, i - kernel + 1): i, : history.size(3)]
+            history[:, :, kernel - 1 - rows.size(2):] = rows  # zero above the first row
+            new = m[:, :, i: i + 1, :width]
+            got = conv.step_matmul(new, history) if matmul else conv(new, history)
             assert got.shape == (B, H, 1, width)
-            torch.testing.assert_close(got, want[:, :, i:i + 1, :width], rtol=0, atol=1e-12)
+            torch.testing.assert_close(got, want[:, :, i: i + 1, :width], rtol=0, atol=1e-12)
