@@ -25,13 +25,9 @@ threshold is fresh memory from the kernel, and the page faults of one update (10
 8 s update) vary more from repeat to repeat than EA costs. On a GPU, PyTorch's caching
 allocator does the same reuse.
 
-Variants ``ea:autograd`` / ``ea+cross:autograd`` run the same models through the
-plain-autograd attention path (``EvolvingMultiheadAttention.impl = "autograd"``: every
-intermediate map kept for backward, explicit attention in layer 1, cross-attention
-keys/values copied per hypothesis in beam search): the implementation before the
-memory-saving path, measured in the same run. ``ea:ops`` / ``ea+cross:ops`` are the
-models as they are, but on a CPU their decoding steps and training maps run as PyTorch
-ops instead of step_kernel's one passes (``EvolvingMultiheadAttention.one_pass = False``).
+Variants ``ea:eager`` / ``ea+cross:eager`` are the same models on the eager reference path
+(``--ea-attn-impl eager``: every intermediate map kept for backward, explicit attention in
+layer 1, F.conv2d in decoding steps), measured in the same run as the fused default.
 
     python benchmarks/cost.py                                     # CPU, lengths 1x and 4x
     python benchmarks/cost.py --lengths 1,2,4,8 --plot cost.png   # ratios against length
@@ -53,22 +49,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "iwslt14" / "fairseq_bpe10k"
 
-# name: (architecture, extra flags, attention implementation of the EA modules; ":ops":
-# decoding steps and training maps as PyTorch ops, not step_kernel's one passes)
+# name: (architecture, extra flags, attention implementation of the EA modules)
 VARIANTS = {
     "vanilla": ("transformer_iwslt_de_en", [], None),
     "ea-off": ("ea_transformer_iwslt_de_en", ["--ea-no-encoder-self-attn", "--ea-no-decoder-self-attn"], None),
     "ea": ("ea_transformer_iwslt_de_en", [], "fused"),
     "ea+cross": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "fused"),
-    "ea:autograd": ("ea_transformer_iwslt_de_en", [], "autograd"),
-    "ea+cross:autograd": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "autograd"),
-    "ea:ops": ("ea_transformer_iwslt_de_en", [], "fused:ops"),
-    "ea+cross:ops": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "fused:ops"),
+    "ea:eager": ("ea_transformer_iwslt_de_en", [], "eager"),
+    "ea+cross:eager": ("ea_transformer_iwslt_de_en", ["--ea-cross-attn"], "eager"),
 }
-DEFAULT_VARIANTS = "vanilla,ea:autograd,ea,ea+cross:autograd,ea+cross"
+DEFAULT_VARIANTS = "vanilla,ea:eager,ea,ea+cross:eager,ea+cross"
 
 
-def build(name, task, device, precision):
+def build(name, task, device, precision, model_args=()):
+    import dataclasses
+
     from fairseq import options
 
     from ea_fairseq.modules import EvolvingMultiheadAttention
@@ -77,14 +72,12 @@ def build(name, task, device, precision):
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
         str(task.cfg.data), "--task", "translation", "--user-dir", str(REPO / "ea_fairseq"), "--arch", arch,
-        "--share-all-embeddings", "--source-lang", "de", "--target-lang", "en", *extra])
+        "--share-all-embeddings", "--source-lang", "de", "--target-lang", "en", *extra, *model_args])
     torch.manual_seed(0)
     model = task.build_model(args).to(device)
-    impl, _, ops = (impl or "").partition(":")
-    for module in model.modules():
+    for module in model.modules():  # as --ea-attn-impl sets it
         if isinstance(module, EvolvingMultiheadAttention):
-            module.impl = impl
-            module.one_pass = not ops
+            module.ea = dataclasses.replace(module.ea, impl=impl)
     return model.half() if precision == "fp16" else model.bfloat16() if precision == "bf16" else model
 
 
@@ -248,6 +241,9 @@ def main():
                     help="what the timings measure: 'wall' time, or 'cpu' time of the measuring thread, which "
                          "other processes on a busy machine do not inflate (CPU only, with --threads 1)")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ap.add_argument("--model-args", default="",
+                    help="extra fairseq-train model flags for every variant, e.g. '--encoder-layers 2 "
+                         "--decoder-layers 2' (default: transformer_iwslt_de_en's sizes)")
     ap.add_argument("--heap", choices=["keep", "system"], default="keep",
                     help="on a CPU: 'keep', glibc keeps freed memory for reuse (restarts the script with "
                          "GLIBC_TUNABLES set), so that page faults do not blur the timings; 'system', glibc's "
@@ -298,7 +294,7 @@ def main():
 
     models, opts = {}, {}
     for name in names:
-        models[name] = build(name, task, device, args.precision)
+        models[name] = build(name, task, device, args.precision, args.model_args.split())
         opts[name] = torch.optim.Adam([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
     # trainable parameters (fairseq 0.12.2 also keeps untrained BetterTransformer copies)
     params = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in models.items()}
@@ -332,7 +328,7 @@ def main():
     heap = "heap kept" if KEEP_HEAP_TUNABLES in os.environ.get("GLIBC_TUNABLES", "") else "system heap"
     header = (f"device {device}, threads {torch.get_num_threads()}, {args.precision}, {args.clock} clock, "
               f"{heap}; {args.repeats} repeats; "
-              f"transformer_iwslt_de_en sizes; {args.order} batches")
+              f"transformer_iwslt_de_en sizes{' ' + args.model_args if args.model_args else ''}; {args.order} batches")
     report(header, per_length)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +408,7 @@ def plot(per_length: List[dict], path: Path, header: str) -> None:
                 continue
             xs = [f for f, _ in points]
             ys = [r.get(key, float("nan")) for _, r in points]
-            style = "--" if variant.endswith(":autograd") else ":" if variant.endswith(":ops") else "-"
+            style = "--" if variant.endswith(":eager") else "-"
             iqr = [r.get(key + "_iqr") for _, r in points]
             if all(q is not None for q in iqr):  # time: the middle half of the per-repeat ratios
                 err = [[y - q[0] for y, q in zip(ys, iqr)], [q[1] - y for y, q in zip(ys, iqr)]]

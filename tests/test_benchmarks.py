@@ -13,7 +13,8 @@ from recipe_fixtures import SHARED
 def test_cost_benchmark_runs_and_reports(tmp_path):
     out, png = tmp_path / "cost.json", tmp_path / "cost.png"
     cmd = [sys.executable, REPO + "/benchmarks/cost.py", "--data", SHARED / "iwslt14" / "fairseq_bpe10k",
-           "--variants", "vanilla,ea:autograd,ea", "--lengths", "1,2", "--max-tokens", "300",
+           "--variants", "vanilla,ea:eager,ea", "--lengths", "1,2", "--max-tokens", "300",
+           "--model-args", "--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 64 --decoder-embed-dim 64",
            "--decode-sentences", "2", "--decode-steps", "3", "--repeats", "2", "--threads", "1",
            "--clock", "cpu", "--workdir", tmp_path / "work", "--json", out, "--plot", png]
     table = run(cmd, cwd=tmp_path).stdout
@@ -23,12 +24,12 @@ def test_cost_benchmark_runs_and_reports(tmp_path):
     assert [b["factor"] for b in saved["lengths"]] == [1, 2]
     for block in saved["lengths"]:
         rows = {r["variant"]: r for r in block["results"]}
-        assert set(rows) == {"vanilla", "ea:autograd", "ea"}
+        assert set(rows) == {"vanilla", "ea:eager", "ea"}
         for r in rows.values():
             assert len(r["update_ms_all"]) == len(r["decode_ms_all"]) == 2
             assert r["saved_mib"] > 0
-        # the memory-saving path keeps fewer bytes than the plain-autograd one
-        assert rows["ea"]["saved_mib"] < rows["ea:autograd"]["saved_mib"]
+        # the fused path keeps fewer bytes than the eager one
+        assert rows["ea"]["saved_mib"] < rows["ea:eager"]["saved_mib"]
         # EA adds one conv per layer after the first, and nothing else
         assert rows["ea"]["params"] > rows["vanilla"]["params"]
         # time ratios: the median of the per-repeat ratios, inside their middle half
@@ -41,77 +42,6 @@ def test_cost_benchmark_runs_and_reports(tmp_path):
     # --report prints the same tables from the file
     again = run([sys.executable, REPO + "/benchmarks/cost.py", "--report", out], cwd=tmp_path).stdout
     assert again.strip() in table
-
-
-def test_decoder_steps_benchmark_runs_and_reports(tmp_path):
-    cmd = [sys.executable, REPO + "/benchmarks/decoder_steps.py", "--data", SHARED / "iwslt14" / "fairseq_bpe10k",
-           "--variants", "vanilla,ea:autograd,ea+cross", "--lengths", "1,2", "--decode-sentences", "2",
-           "--decode-steps", "3", "--repeats", "2", "--threads", "1", "--clock", "cpu", "--workdir", tmp_path / "work"]
-    table = run(cmd, cwd=tmp_path).stdout
-    assert "threads 1, cpu clock, heap kept; 2 repeats" in table
-    assert "length x1: 2 sentences x beam 5 x 3 steps" in table
-    assert "length x2: 1 sentences x beam 5 x 6 steps" in table
-    rows = [line.split() for line in table.splitlines() if line.split()[:1] in (["vanilla"], ["ea:autograd"], ["ea+cross"])]
-    assert len(rows) == 6
-    for name, ms, ratio, *per_repeat in rows:
-        assert float(ms) > 0 and len(per_repeat) == 2
-        assert float(ratio) == pytest.approx(sum(map(float, per_repeat)) / 2, abs=1e-3)
-        if name == "vanilla":
-            assert ratio == "1.000"
-
-
-def test_attention_steps_benchmark_runs_and_reports(tmp_path):
-    cmd = [sys.executable, REPO + "/benchmarks/attention_steps.py", "--data", SHARED / "iwslt14" / "fairseq_bpe10k",
-           "--variants", "vanilla,ea:autograd,ea+cross", "--lengths", "1,2", "--max-tokens", "100",
-           "--repeats", "2", "--threads", "1", "--clock", "cpu", "--workdir", tmp_path / "work"]
-    table = run(cmd, cwd=tmp_path).stdout
-    assert "threads 1, cpu clock, heap kept; 2 repeats; attention calls interleaved call by call" in table
-    # 6 encoder self-attention calls, 6 decoder self- and 6 cross-attention calls
-    assert table.count(" 18 attention calls; vanilla's update ") == 2
-    rows = [line.split() for line in table.splitlines() if line.split()[:1] in (["vanilla"], ["ea:autograd"], ["ea+cross"])]
-    assert len(rows) == 6
-    for name, ms, ratio, implied, *per_repeat in rows:
-        assert float(ms) > 0 and len(per_repeat) == 2
-        assert float(implied) == pytest.approx(sum(map(float, per_repeat)) / 2, abs=1e-3)
-        # the update ratio is diluted by the rest of the update: nearer 1 than the attention's
-        assert abs(float(implied) - 1) <= abs(float(ratio) - 1) + 1e-3
-        if name == "vanilla":
-            assert ratio == implied == "1.000"
-
-
-def test_attention_steps_replays_a_call_as_the_model_made_it():
-    """A recorded attention call, run again, gives the output the model's forward gave."""
-    sys.path.insert(0, REPO + "/benchmarks")
-    import attention_steps
-    import torch
-    from helpers import build_model, random_batch
-
-    from ea_fairseq.modules import EvolvingMultiheadAttention
-
-    model = build_model("ea_transformer", ["--ea-cross-attn"])
-    batch = random_batch(model.encoder.dictionary, [6, 9, 3], [5, 8, 4])
-    outs = []  # what each attention call returned in the recorded forward
-    hooks = [m.register_forward_hook(lambda mod, inp, out: outs.append(out[0].detach()))
-             for m in model.modules() if isinstance(m, EvolvingMultiheadAttention)]
-    calls = attention_steps.record_calls(model, batch, model.decoder.dictionary.pad())
-    for h in hooks:
-        h.remove()
-    assert len(calls) == len(outs) == 9  # 3 layers x (encoder self, decoder self, cross)
-    for call, expected in zip(calls, outs):
-        module, kwargs, same, prev, qpm, hands_on = call
-        kwargs = dict(kwargs, **{name: kwargs["query"] for name in same})
-        with torch.no_grad(), module.evolve(prev, qpm):
-            got, _ = module(**kwargs)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    # the last layer of each stack hands its map to no one
-    assert [c[-1] for c in calls].count(False) == 3
-
-
-def test_decoder_steps_benchmark_wants_vanilla_first(tmp_path):
-    proc = __import__("subprocess").run(
-        [sys.executable, REPO + "/benchmarks/decoder_steps.py", "--variants", "ea,vanilla", "--workdir", tmp_path],
-        capture_output=True, text=True)
-    assert proc.returncode != 0 and "vanilla first" in proc.stderr
 
 
 def test_cost_benchmark_rejects_bad_lengths(tmp_path):
