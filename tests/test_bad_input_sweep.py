@@ -25,7 +25,7 @@ from helpers import REPO
 from recipe_fixtures import SHARED, edit_gz_line, make_multi30k_dir
 
 SCRIPTS = Path(REPO) / "scripts"
-pytestmark = pytest.mark.skipif(not (SHARED / "multi30k").is_dir(), reason=f"no shared data at {SHARED}")
+pytestmark = pytest.mark.shared_data("multi30k")
 TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 16 --decoder-embed-dim 16 "
               "--encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 --encoder-attention-heads 2 "
               "--decoder-attention-heads 2")

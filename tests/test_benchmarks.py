@@ -9,6 +9,8 @@ from conftest import run
 from helpers import REPO
 from recipe_fixtures import SHARED
 
+pytestmark = pytest.mark.shared_data("iwslt14", "fairseq_bpe10k")
+
 
 def test_cost_benchmark_runs_and_reports(tmp_path):
     out, png = tmp_path / "cost.json", tmp_path / "cost.png"

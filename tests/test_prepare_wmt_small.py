@@ -12,6 +12,8 @@ from conftest import run
 from helpers import REPO
 from recipe_fixtures import SHARED
 
+pytestmark = pytest.mark.shared_data("wmt_small")
+
 SCRIPT = f"{REPO}/scripts/prepare-wmt-small.sh"
 
 

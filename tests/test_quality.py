@@ -20,6 +20,8 @@ from recipe_fixtures import SHARED
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import quality_report  # noqa: E402
 
+pytestmark = pytest.mark.shared_data("multi30k")
+
 TINY = ("--encoder-layers 1 --decoder-layers 2 --encoder-embed-dim 16 --decoder-embed-dim 16 "
         "--encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 --max-tokens 1500 --num-workers 0")
 

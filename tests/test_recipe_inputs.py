@@ -20,7 +20,7 @@ SCRIPTS = Path(REPO) / "scripts"
 sys.path.insert(0, str(SCRIPTS / "lib"))
 import textprep  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (SHARED / "multi30k").is_dir(), reason=f"no shared data at {SHARED}")
+pytestmark = [pytest.mark.shared_data("multi30k"), pytest.mark.shared_data("wmt14")]
 
 
 def _env(**extra):
@@ -192,10 +192,9 @@ def test_wmt_reference_is_the_released_text_as_sacrebleu_reads_it(name, tmp_path
         assert ref == released
 
 
+@pytest.mark.shared_data("iwslt14", "orig_xml")
 def test_iwslt_reference_decodes_xml_entities():
     xml = SHARED / "iwslt14" / "orig_xml" / "IWSLT14.TED.tst2010.de-en.en.xml"
-    if not xml.is_file():
-        pytest.skip("no IWSLT14 XML")
     text = xml.read_text(encoding="utf-8")
     ref = list(textprep.ref_segs(text.splitlines(keepends=True)))
     assert "R&amp;D" in text and any("R&D" in r for r in ref) and not any("&amp;" in r for r in ref)

@@ -17,7 +17,7 @@ from helpers import REPO
 from recipe_fixtures import SHARED, make_iwslt_tgz, make_wmt_cache
 
 SCRIPTS = Path(REPO) / "scripts"
-pytestmark = pytest.mark.skipif(not (SHARED / "iwslt14").is_dir(), reason=f"no shared data at {SHARED}")
+pytestmark = [pytest.mark.shared_data(d) for d in ("iwslt14", "wmt14", "multi30k")]
 
 TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
               "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 4 "
