@@ -8,11 +8,12 @@
 #   bash scripts/evaluate.sh wmt14_en_de    # beam 4, lenpen 0.6, compound splitting
 #   bash scripts/evaluate.sh wmt14_en_fr    # beam 4, lenpen 0.6
 #   bash scripts/evaluate.sh multi30k       # beam 5, lenpen 1
+#   bash scripts/evaluate.sh tatoeba        # beam 5, lenpen 1 (cased sacreBLEU against test.en as given)
 #
 # Variables (all optional):
 #   MODEL, DATA_BIN, SAVE_DIR   as in scripts/train.sh
 #   NUM_AVG      checkpoints to average (epoch checkpoints, or update checkpoints
-#                when there are none); 1 = no averaging    (5; 10 for wmt14_en_fr, 3 for multi30k)
+#                when there are none); 1 = no averaging    (5; 10 for wmt14_en_fr, 3 for multi30k, tatoeba)
 #   CHECKPOINT   a checkpoint file to use as is (skips averaging)
 #   BEAM, LENPEN, MAX_TOKENS (generation); GEN_ARGS: more fairseq-generate arguments
 #   CPU=1        decode on the CPU (automatic without GPU)
@@ -32,7 +33,8 @@ case "$BENCH" in
     ;;
   wmt14_en_fr) DATA_DIR=$BENCH BEAM=${BEAM:-4} LENPEN=${LENPEN:-0.6} NUM_AVG=${NUM_AVG:-10} ;;
   multi30k) DATA_DIR=multi30k.de-en BEAM=${BEAM:-5} LENPEN=${LENPEN:-1} NUM_AVG=${NUM_AVG:-3} ;;
-  *) die "usage: evaluate.sh iwslt14|wmt14_en_de|wmt14_en_fr|multi30k (got '$BENCH')" ;;
+  tatoeba) DATA_DIR=tatoeba.de-en BEAM=${BEAM:-5} LENPEN=${LENPEN:-1} NUM_AVG=${NUM_AVG:-3} ;;
+  *) die "usage: evaluate.sh iwslt14|wmt14_en_de|wmt14_en_fr|multi30k|tatoeba (got '$BENCH')" ;;
 esac
 SUBSET="test"  # the references kept by the prepare recipes are the test set's
 

@@ -6,6 +6,7 @@
 #   bash scripts/train.sh wmt14_en_de      # "Scaling NMT" big recipe (Ott et al., 2018)
 #   bash scripts/train.sh wmt14_en_fr      # the same, dropout 0.1
 #   bash scripts/train.sh multi30k         # the quickstart's small model (CPU-friendly)
+#   bash scripts/train.sh tatoeba          # the same small CPU recipe on data-bin/tatoeba.de-en
 #   MODEL=vanilla bash scripts/train.sh iwslt14   # fairseq's transformer, same recipe
 #
 # Variables (all optional):
@@ -59,8 +60,8 @@ case "$BENCH" in
     RECIPE=(--share-all-embeddings --warmup-init-lr 1e-07 --weight-decay 0.0)
     SAVE=(--save-interval-updates 1000 --keep-interval-updates 10 --no-epoch-checkpoints)
     ;;
-  multi30k)
-    DATA_DIR=multi30k.de-en
+  multi30k | tatoeba)
+    if [[ "$BENCH" == multi30k ]]; then DATA_DIR=multi30k.de-en; else DATA_DIR=tatoeba.de-en; fi
     BASE_ARCH=transformer
     # sized for ~9 minutes on 2 CPU cores (the quickstart): d=128, 3+3 layers, 5 epochs
     : "${MAX_TOKENS:=4096}" "${UPDATE_FREQ:=1}" "${MAX_UPDATE:=650}" "${LR:=2e-3}" "${WARMUP:=200}" "${DROPOUT:=0.2}"
@@ -70,7 +71,7 @@ case "$BENCH" in
       --encoder-attention-heads 4 --decoder-attention-heads 4)
     SAVE=(--keep-last-epochs 5)
     ;;
-  *) die "usage: train.sh iwslt14|wmt14_en_de|wmt14_en_fr|multi30k (got '$BENCH')" ;;
+  *) die "usage: train.sh iwslt14|wmt14_en_de|wmt14_en_fr|multi30k|tatoeba (got '$BENCH')" ;;
 esac
 
 for v in MAX_TOKENS MAX_UPDATE WARMUP; do require_int "$v" 1; done

@@ -6,14 +6,20 @@ the ``--ea-*`` defaults.
 """
 
 import copy
+import logging
 from argparse import Namespace
-from dataclasses import fields
 from typing import Dict, List, Optional
 
 import torch
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import fsdp_wrap
-from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, register_model, register_model_architecture
+from fairseq.models import (
+    ARCH_CONFIG_REGISTRY,
+    ARCH_MODEL_NAME_REGISTRY,
+    ARCH_MODEL_REGISTRY,
+    register_model,
+    register_model_architecture,
+)
 from fairseq.models.transformer import (
     TransformerConfig,
     TransformerDecoderBase,
@@ -21,12 +27,15 @@ from fairseq.models.transformer import (
     TransformerModel,
 )
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from ..modules.ea_transformer_layer import EATransformerDecoderLayer, EATransformerEncoderLayer
 from ..modules.evolving_attention import EvolvingMultiheadAttention
 from .ea_checkpoint import EA_STATE_VERSION, upgrade_ea_state_dict
-from .ea_config import EvolvingAttentionConfig, ea_base_architecture
+from .ea_config import EATransformerConfig, EvolvingAttentionConfig, ea_base_architecture, ea_fields
+
+logger = logging.getLogger(__name__)
 
 
 def _wrap_layer(layer, cfg):
@@ -42,8 +51,7 @@ def _wrap_layer(layer, cfg):
 def _show_ea_defaults_in_help(parser) -> None:
     """Append "(default: ...)" to the --help text of the non-boolean --ea-* options
     (their parser defaults are deleted: the architecture fills them in)."""
-    defaults = {f.name: f.default for f in fields(EvolvingAttentionConfig)
-                if not f.name.startswith("_") and not isinstance(f.default, bool)}
+    defaults = {f.name: f.default for f in ea_fields() if not isinstance(f.default, bool)}
     for action in parser._actions:
         if action.dest in defaults and action.help and "(default" not in action.help:
             action.help += f" (default: {defaults[action.dest]})"
@@ -247,9 +255,66 @@ class EATransformerDecoder(TransformerDecoderBase):
         return x.transpose(0, 1), prev_output_tokens
 
 
-@register_model("ea_transformer")
+def _is_structured(cfg) -> bool:
+    """Whether ``cfg`` is a hierarchical model config (``cfg.encoder.layers``: the
+    registered EATransformerConfig, as an object or a DictConfig) rather than a flat
+    argparse-style one (``cfg.encoder_layers``: a Namespace or a flat DictConfig)."""
+    if isinstance(cfg, TransformerConfig):
+        return True
+    return isinstance(cfg, DictConfig) and isinstance(cfg.get("encoder", None), DictConfig)
+
+
+def _config_object(cfg) -> EATransformerConfig:
+    """A structured model config as an ``EATransformerConfig`` object: typed and
+    checked by omegaconf (a key that is not an option fails, naming it), the decoder's
+    input/output dims following its embed_dim unless set."""
+    if isinstance(cfg, DictConfig):
+        name = cfg.get("_name", None)
+        if name not in (None, "ea_transformer"):
+            raise ValueError(
+                f"model._name={name}: the ea_transformer_* architectures are presets of the "
+                "command line (fairseq-train --arch); in a hydra config use model._name=ea_transformer "
+                "and give the sizes (model.encoder.layers, ...: see ea_fairseq/config/*.yaml)"
+            )
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EATransformerConfig), cfg))
+    elif not isinstance(cfg, EATransformerConfig):
+        raise TypeError(f"ea_transformer needs an EATransformerConfig, got {type(cfg).__name__}")
+    for name in ("input_dim", "output_dim"):  # an unresolved "${.embed_dim}" (a Python-made config)
+        if isinstance(getattr(cfg.decoder, name), str):
+            setattr(cfg.decoder, name, cfg.decoder.embed_dim)
+    return cfg
+
+
+def _warn_one_layer_stacks(model: "EATransformerModel", ea: EvolvingAttentionConfig) -> None:
+    """A stack of one layer with EA on is built and runs, as plain attention: its only
+    layer has no previous map to mix in and no convolution (layer 1 has none), so nothing
+    evolves. Warned, not refused: the model is valid (a small test model, a stack pruned
+    by --*-layers-to-keep, a checkpoint trained so) and equals what the user would get
+    with EA off there."""
+    n_enc, n_dec = len(model.encoder.layers), len(model.decoder.layers)
+    for stack, n, flag, what, remedy in (
+        ("encoder", n_enc, "--encoder-layers", "encoder self-attention", "--ea-no-encoder-self-attn"),
+        ("decoder", n_dec, "--decoder-layers", "decoder self-attention", "--ea-no-decoder-self-attn"),
+        ("cross", n_dec, "--decoder-layers", "cross-attention (--ea-cross-attn)", "no --ea-cross-attn"),
+    ):
+        if n == 1 and ea.enabled(stack):
+            logger.warning(
+                "%s 1 with evolving %s: EA needs at least two layers in a stack to act (the first "
+                "layer has no previous map and no convolution), so nothing evolves there and that "
+                "stack is plain attention; use %s 2 or more, or %s to say so",
+                flag, what, flag, remedy,
+            )
+
+
+@register_model("ea_transformer", dataclass=EATransformerConfig)
 class EATransformerModel(TransformerModel):
-    """fairseq's ``transformer`` with evolving attention (see ``--ea-*``)."""
+    """fairseq's ``transformer`` with evolving attention (see ``--ea-*``).
+
+    Two ways in, one model: ``fairseq-train --arch ea_transformer_* --ea-* ...`` (flat
+    argparse options, each architecture a preset) and hydra configs with
+    ``model._name: ea_transformer`` (the registered ``EATransformerConfig``: typed,
+    checked keys; ``ea_fairseq/config/*.yaml``).
+    """
 
     @classmethod
     def hub_models(cls):
@@ -264,9 +329,35 @@ class EATransformerModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        ea_base_architecture(args)
-        EvolvingAttentionConfig.from_args(args).validate()
-        return super().build_model(args, task)
+        """Build from either kind of fairseq model config:
+
+        - flat (``args.encoder_layers``): the Namespace of ``fairseq-train --arch
+          ea_transformer_*`` and of the checkpoints it saves, or a hydra config naming an
+          architecture with flat keys; fairseq's legacy ``TransformerModel.build_model``;
+        - structured (``cfg.encoder.layers``): ``EATransformerConfig``, from hydra's
+          ``model._name: ea_transformer`` and its checkpoints, or made by fairseq from the
+          Namespace of ``--arch ea_transformer``; fairseq's ``TransformerModelBase.build_model``.
+
+        The EA options are read from the same config either way and checked here.
+        """
+        if _is_structured(args):
+            cfg = _config_object(args)
+            ea = EvolvingAttentionConfig.from_args(cfg)
+            ea.validate()
+            model = super(TransformerModel, cls).build_model(cfg, task)
+        else:
+            if isinstance(args, DictConfig):
+                # TransformerConfig.from_namespace copies the keys it does not know (ours)
+                # from vars(args), which a DictConfig does not have: hand it a Namespace
+                with open_dict(args):
+                    ea_base_architecture(args)  # kept in the config the checkpoint saves
+                args = Namespace(**OmegaConf.to_container(args, resolve=True, enum_to_str=True))
+            ea_base_architecture(args)
+            ea = EvolvingAttentionConfig.from_args(args)
+            ea.validate()
+            model = super().build_model(args, task)
+        _warn_one_layer_stacks(model, ea)
+        return model
 
     @classmethod
     def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
@@ -348,12 +439,44 @@ def _register_ea_arch(fairseq_arch: str) -> None:
         parent(args)
         ea_base_architecture(args)
 
-    arch.__name__ = arch.__qualname__ = "ea_" + fairseq_arch
+    name = "ea_" + fairseq_arch
+    arch.__name__ = arch.__qualname__ = name
     arch.__doc__ = f"fairseq's {fairseq_arch} plus the --ea-* defaults."
-    register_model_architecture("ea_transformer", "ea_" + fairseq_arch)(arch)
+    if name in ARCH_CONFIG_REGISTRY:
+        # "ea_transformer": register_model(dataclass=...) made it an architecture that
+        # sets nothing (a hydra config takes the dataclass defaults); on the command line
+        # --arch ea_transformer keeps fairseq's base_architecture and the EA defaults
+        ARCH_CONFIG_REGISTRY[name] = arch
+    else:
+        register_model_architecture("ea_transformer", name)(arch)
+
+
+EA_ARCHS = tuple("ea_" + name for name in FAIRSEQ_ARCHS)
+
+
+def _keep_the_command_line_on_argparse() -> None:
+    """fairseq's command line and hydra configure this model in two ways (flat flags, a
+    nested dataclass), and fairseq would mix them up at two places:
+
+    - a command line becomes a DictConfig through the model's dataclass when the class
+      has one (``__dataclass``, set by register_model; dataclass/utils.py
+      ``override_module_args``), which fills only top-level fields from the flat flags:
+      --encoder-layers and the other encoder/decoder options would be lost. Without it
+      the model config stays a Namespace, as for fairseq's own ``transformer``;
+    - ``add_defaults`` (fairseq-train, fairseq-hydra-train) merges a model config with
+      the dataclass of the model its ``_name`` maps to in ARCH_MODEL_NAME_REGISTRY,
+      which fails on a Namespace. The ``ea_*`` architectures are command-line presets,
+      configured as fairseq's legacy ``transformer`` (which has no dataclass).
+
+    The dataclass stays registered for hydra (``model: ea_transformer``, typed keys) and
+    for ``fairseq.models.build_model``, which merges a hydra model config with it."""
+    setattr(EATransformerModel, "__dataclass", None)
+    for arch in EA_ARCHS:
+        ARCH_MODEL_NAME_REGISTRY[arch] = "transformer"
+
+
+_keep_the_command_line_on_argparse()
 
 
 for _name in FAIRSEQ_ARCHS:
     _register_ea_arch(_name)
-
-EA_ARCHS = tuple("ea_" + name for name in FAIRSEQ_ARCHS)
