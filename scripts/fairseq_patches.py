@@ -478,6 +478,87 @@ USABILITY_PATCHES = [
         "    )\n\n\n"
         "def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):\n",
     ),
+    # --fp16 / --bf16 without a GPU: fairseq's FP16 optimizers keep their fp32 master
+    # weights on the current CUDA device, so training died deep inside ("Torch not
+    # compiled with CUDA enabled"; with --bf16, "'NoneType' object has no attribute
+    # 'xla_device'", see below). Say which flag, why, and what works instead. Checked in
+    # train.py's main, which fairseq-train and fairseq-hydra-train both run, before the
+    # data and the model are loaded.
+    Patch(
+        "fairseq_cli/train.py",
+        "--fp16/--bf16 without a GPU: a message naming the flag and the remedy",
+        "def main(cfg: FairseqConfig) -> None:\n",
+        "def _ea_check_half_precision(cfg) -> None:\n"
+        "    \"\"\"ea-fairseq patch: fp16/bf16 training needs CUDA (or a TPU with --tpu).\"\"\"\n"
+        "    c = cfg.common\n"
+        "    flags = [f for f in (\"fp16\", \"bf16\", \"memory_efficient_fp16\", \"memory_efficient_bf16\")\n"
+        "             if getattr(c, f, False)]\n"
+        "    if not flags or getattr(c, \"tpu\", False) or (torch.cuda.is_available() and not c.cpu):\n"
+        "        return\n"
+        "    flag = \"--\" + flags[0].replace(\"_\", \"-\")\n"
+        "    raise ValueError(\n"
+        "        f\"{flag} trains in half precision on a GPU, and \"\n"
+        "        + (\"--cpu is set\" if c.cpu else \"no CUDA GPU is visible\")\n"
+        "        + \": fairseq's fp16/bf16 training keeps its fp32 master weights on CUDA. \"\n"
+        "        f\"Leave out {flag} (hydra: common.{flags[0]}=false) to train in fp32 on the CPU, \"\n"
+        "        \"or train on a GPU. (On the CPU, fairseq-generate and fairseq-interactive --fp16 \"\n"
+        "        \"decode in fp16.)\"\n"
+        "    )\n\n\n"
+        "def main(cfg: FairseqConfig) -> None:\n",
+    ),
+    Patch(
+        "fairseq_cli/train.py",
+        "call the check above once the config is complete",
+        "    utils.import_user_module(cfg.common)\n"
+        "    add_defaults(cfg)\n",
+        "    utils.import_user_module(cfg.common)\n"
+        "    add_defaults(cfg)\n"
+        "    _ea_check_half_precision(cfg)  # ea-fairseq patch\n",
+    ),
+    # fairseq-train's parser turned --bf16 into --tpu as well (bf16 was TPU-only when it
+    # was written), so that --bf16 on a GPU, or without one, asked torch_xla for a TPU
+    # device ("'NoneType' object has no attribute 'xla_device'"; fairseq issue #4696).
+    # fairseq-hydra-train keeps them apart (common.bf16 trains on a GPU); so does this.
+    # TPU users pass --tpu, as fairseq's TPU instructions say.
+    Patch(
+        "fairseq/options.py",
+        "--bf16 is bfloat16 on a GPU, not also --tpu",
+        "    if args.bf16:\n"
+        "        args.tpu = True\n",
+        "    # ea-fairseq patch: --bf16 no longer implies --tpu (fairseq issue #4696)\n",
+    ),
+    # An empty line given to fairseq-interactive was translated from its end-of-sentence
+    # symbol alone, which gives whatever the model makes of nothing (up to max_len_b = 200
+    # tokens). Leave empty (and blank) lines out of the batches and print, at their place,
+    # an empty hypothesis (score 0, the only output of an empty input), with a warning, so
+    # that the output still has one S/H/D/P block per input line.
+    Patch(
+        "fairseq_cli/interactive.py",
+        "empty input lines: an empty output with a warning, not a translation of nothing",
+        "        results = []\n"
+        "        for batch in make_batches(inputs, cfg, task, max_positions, encode_fn):\n",
+        "        results = []\n"
+        "        # ea-fairseq patch: empty lines are not translated (see below)\n"
+        "        kept = [i for i, line in enumerate(inputs) if line]\n"
+        "        for i, line in enumerate(inputs):\n"
+        "            if not line:\n"
+        "                logger.warning(\n"
+        "                    \"input line %d is empty: nothing to translate, its output (id %d) is \"\n"
+        "                    \"an empty hypothesis\", start_id + i + 1, start_id + i\n"
+        "                )\n"
+        "                eos = torch.tensor([tgt_dict.eos()])\n"
+        "                empty = {\"tokens\": eos, \"score\": torch.tensor(0.0), \"alignment\": [],\n"
+        "                         \"positional_scores\": torch.zeros(1)}\n"
+        "                results.append((start_id + i, eos, [empty], {\"constraints\": [], \"time\": 0.0}))\n"
+        "        lines = [inputs[i] for i in kept]\n"
+        "        for batch in make_batches(lines, cfg, task, max_positions, encode_fn) if lines else []:\n",
+    ),
+    Patch(
+        "fairseq_cli/interactive.py",
+        "the ids of the translated lines are their places among all input lines",
+        "                        start_id + id,\n",
+        "                        start_id + kept[id],  # ea-fairseq patch: empty lines left out\n",
+    ),
 ]
 
 # `name: SomeConfig = SomeConfig()` and `field(default=SomeConfig())`: Python 3.11

@@ -8,6 +8,7 @@ the ``--ea-*`` defaults.
 import copy
 import logging
 from argparse import Namespace
+from dataclasses import fields
 from typing import Dict, List, Optional
 
 import torch
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from ..modules.ea_transformer_layer import EATransformerDecoderLayer, EATransformerEncoderLayer
-from ..modules.evolving_attention import EvolvingMultiheadAttention
+from ..modules.evolving_attention import EASpec, EvolvingMultiheadAttention
 from .ea_checkpoint import EA_STATE_VERSION, upgrade_ea_state_dict
 from .ea_config import EATransformerConfig, EvolvingAttentionConfig, ea_base_architecture, ea_fields
 
@@ -62,7 +63,7 @@ class EATransformerEncoder(TransformerEncoderBase):
 
     def __init__(self, cfg, dictionary, embed_tokens, ea: EvolvingAttentionConfig, return_fc: bool = False):
         self.ea_cfg = ea
-        self._layers_built = 0  # build_encoder_layer is called once per layer, in order
+        self.ea_specs: List[Optional[EASpec]] = []  # per layer, as built (None: plain attention)
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
         # state-dict format of the EA weights (see ea_checkpoint.py)
         self.register_buffer("ea_version", torch.tensor([float(EA_STATE_VERSION)]))
@@ -75,8 +76,9 @@ class EATransformerEncoder(TransformerEncoderBase):
         return state_dict
 
     def build_encoder_layer(self, cfg):
-        idx, self._layers_built = self._layers_built, self._layers_built + 1
-        layer = EATransformerEncoderLayer(cfg, ea=self.ea_cfg.spec("encoder", idx), return_fc=self.return_fc)
+        # fairseq calls this once per layer, in order
+        self.ea_specs.append(self.ea_cfg.spec("encoder", len(self.ea_specs)))
+        layer = EATransformerEncoderLayer(cfg, ea=self.ea_specs[-1], return_fc=self.return_fc)
         return _wrap_layer(layer, cfg)
 
     def forward_scriptable(
@@ -144,7 +146,9 @@ class EATransformerDecoder(TransformerDecoderBase):
         output_projection=None,
     ):
         self.ea_cfg = ea
-        self._layers_built = 0  # build_decoder_layer is called once per layer, in order
+        # per layer, as built (None: plain attention)
+        self.ea_self_specs: List[Optional[EASpec]] = []
+        self.ea_cross_specs: List[Optional[EASpec]] = []
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
                          output_projection=output_projection)
         self.register_buffer("ea_version", torch.tensor([float(EA_STATE_VERSION)]))
@@ -156,12 +160,15 @@ class EATransformerDecoder(TransformerDecoderBase):
         return state_dict
 
     def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
-        idx, self._layers_built = self._layers_built, self._layers_built + 1
+        # fairseq calls this once per layer, in order
+        idx = len(self.ea_self_specs)
+        self.ea_self_specs.append(self.ea_cfg.spec("decoder", idx))
+        self.ea_cross_specs.append(None if no_encoder_attn else self.ea_cfg.spec("cross", idx))
         layer = EATransformerDecoderLayer(
             cfg,
             no_encoder_attn,
-            ea_self=self.ea_cfg.spec("decoder", idx),
-            ea_cross=self.ea_cfg.spec("cross", idx),
+            ea_self=self.ea_self_specs[-1],
+            ea_cross=self.ea_cross_specs[-1],
         )
         return _wrap_layer(layer, cfg)
 
@@ -285,6 +292,50 @@ def _config_object(cfg) -> EATransformerConfig:
     return cfg
 
 
+def _span(layers: List[int]) -> str:
+    """[2, 3, 4] -> "2-4" (1-based layer numbers, contiguous or listed)."""
+    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1:
+        return f"{layers[0]}-{layers[-1]}"
+    return ", ".join(map(str, layers))
+
+
+def describe_ea(model: "EATransformerModel") -> List[str]:
+    """One line per attention stack, read back from the built model: the EASpec each
+    layer was built with and the shape of each EA convolution's weight, e.g.
+
+    "decoder self-attention: evolving in layers 1-6 (alpha=0.5 beta=0.5 activation=linear
+    init=dirac impl=fused causal=True); conv weight (4, 4, 3, 3) in layers 2-6"
+    """
+    lines = []
+    stacks = (
+        ("encoder self-attention", model.encoder.ea_specs, model.encoder.layers, "self_attn",
+         "--ea-no-encoder-self-attn"),
+        ("decoder self-attention", model.decoder.ea_self_specs, model.decoder.layers, "self_attn",
+         "--ea-no-decoder-self-attn"),
+        ("cross-attention", model.decoder.ea_cross_specs, model.decoder.layers, "encoder_attn",
+         "without --ea-cross-attn"),
+    )
+    for what, specs, layers, attn, off_flag in stacks:
+        on = [i for i, spec in enumerate(specs) if spec is not None]
+        if not on:
+            lines.append(f"{what}: plain attention ({off_flag})")
+            continue
+        settings = sorted({
+            " ".join(f"{f.name}={getattr(specs[i], f.name)}" for f in fields(specs[i])
+                     if f.name not in ("has_conv", "kernel_size"))
+            for i in on
+        })
+        convs: Dict[tuple, List[int]] = {}
+        for i in on:
+            for name, p in layers[i].named_parameters():
+                if name.startswith(f"{attn}.ea_conv.") and p.dim() == 4:
+                    convs.setdefault(tuple(p.shape), []).append(i + 1)
+        conv_text = "; ".join(f"conv weight {shape} in layers {_span(n)}" for shape, n in convs.items()) or "no conv"
+        lines.append(f"{what}: evolving in layers {_span([i + 1 for i in on])} of {len(specs)} "
+                     f"({' | '.join(settings)}); {conv_text}")
+    return lines
+
+
 def _warn_one_layer_stacks(model: "EATransformerModel", ea: EvolvingAttentionConfig) -> None:
     """A stack of one layer with EA on is built and runs, as plain attention: its only
     layer has no previous map to mix in and no convolution (layer 1 has none), so nothing
@@ -293,15 +344,15 @@ def _warn_one_layer_stacks(model: "EATransformerModel", ea: EvolvingAttentionCon
     with EA off there."""
     n_enc, n_dec = len(model.encoder.layers), len(model.decoder.layers)
     for stack, n, flag, what, remedy in (
-        ("encoder", n_enc, "--encoder-layers", "encoder self-attention", "--ea-no-encoder-self-attn"),
-        ("decoder", n_dec, "--decoder-layers", "decoder self-attention", "--ea-no-decoder-self-attn"),
-        ("cross", n_dec, "--decoder-layers", "cross-attention (--ea-cross-attn)", "no --ea-cross-attn"),
+        ("encoder", n_enc, "--encoder-layers", "encoder self-attention", "add --ea-no-encoder-self-attn"),
+        ("decoder", n_dec, "--decoder-layers", "decoder self-attention", "add --ea-no-decoder-self-attn"),
+        ("cross", n_dec, "--decoder-layers", "cross-attention (--ea-cross-attn)", "leave out --ea-cross-attn"),
     ):
         if n == 1 and ea.enabled(stack):
             logger.warning(
-                "%s 1 with evolving %s: EA needs at least two layers in a stack to act (the first "
-                "layer has no previous map and no convolution), so nothing evolves there and that "
-                "stack is plain attention; use %s 2 or more, or %s to say so",
+                "%s 1 with evolving %s: EA needs at least two layers in a stack to act (layer 1 "
+                "has no previous map and no convolution), so nothing evolves there: that stack is "
+                "plain attention. Use %s 2 or more, or %s to say so.",
                 flag, what, flag, remedy,
             )
 
@@ -356,6 +407,8 @@ class EATransformerModel(TransformerModel):
             ea = EvolvingAttentionConfig.from_args(args)
             ea.validate()
             model = super().build_model(args, task)
+        for line in describe_ea(model):
+            logger.info("evolving attention, %s", line)
         _warn_one_layer_stacks(model, ea)
         return model
 
