@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# Install ea-fairseq and a working fairseq 0.12.2 into the active Python environment
-# (or into .venv, created if no virtualenv/conda environment is active).
+# Install ea-fairseq and a working fairseq 0.12.2 into a Python environment: the one
+# named by EA_PYTHON, else the active virtualenv/conda environment, else the
+# project's own .venv (created if missing). Safe to re-run: finished steps are skipped.
 #
-#   bash scripts/install.sh
+#   bash scripts/install.sh                  # from PyPI (and this machine's caches)
+#   bash scripts/install.sh --offline DIR    # from a wheelhouse (scripts/wheelhouse.sh), no index at all
+#   bash scripts/install.sh --dry-run        # say what it would keep and install, change nothing
 #
-# Steps, each skipped when already done (safe to re-run):
-#   1. torch, pinned (TORCH_SPEC): first, so that nothing resolves an unpinned torch;
-#   2. ea_fairseq (editable) with its pinned dependencies, which include the ones
-#      fairseq needs at run time;
-#   3. fairseq 0.12.2 from its hash-checked sdist, patched for Python 3.11 /
-#      torch >= 2.6 / numpy 2 (scripts/fairseq_patches.py), built with pip's build
-#      isolation and installed with --no-deps;
-#   4. EA's one-pass CPU kernels (decoding steps, training maps), a small C++ file, compiled if a compiler is
-#      there (optional: see ea_fairseq/modules/step_kernel.py).
+# Steps:
+#   1. torch: a torch already in the environment that meets setup.py's TORCH_REQUIREMENT
+#      is kept, whatever its build (CPU, CUDA); with none, TORCH_SPEC is installed (not
+#      with --offline: the wheelhouse holds no torch). Nothing later may replace it.
+#   2. ea_fairseq (editable) and its dependencies (setup.py's ranges), with the tested
+#      versions of constraints.txt: all of them in the project's own .venv (the
+#      test/dev path, CI); in an environment you brought, only for what is not installed
+#      yet, so that your numpy etc. stay where they are within range (docs/install.md);
+#   3. fairseq 0.12.2 from its hash-checked sdist, patched for Python >= 3.11 / torch >= 2.6
+#      / numpy 2 (scripts/fairseq_patches.py), installed with --no-deps; with --offline,
+#      the wheel that scripts/wheelhouse.sh built from the same sdist and patches.
 #
 # Variables (all optional):
-#   TORCH_SPEC     pip requirement for torch            (torch==2.13.0)
-#   EA_EXTRAS      extras of ea_fairseq to install      (test)
-#   EA_CACHE       download cache                       (~/.cache/ea-fairseq)
+#   TORCH_SPEC     the torch to install where none is (torch==2.13.0); set, it also
+#                  replaces a torch that does not meet it
+#   EA_EXTRAS      extras of ea_fairseq: plot, tensorboard, test (test in the project's
+#                  .venv, plot,tensorboard elsewhere; with --offline, the wheelhouse's)
+#   EA_PINS        all | missing: which pins of constraints.txt apply (see step 2)
+#   EA_CACHE       download cache for the fairseq sdist      (~/.cache/ea-fairseq)
 #   FAIRSEQ_SDIST  a local fairseq-0.12.2.tar.gz to use instead of downloading
 #   EA_PYTHON / EA_VENV   which Python / which venv (see scripts/lib/common.sh)
 set -euo pipefail
@@ -25,40 +33,154 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 EA_STEP=install
 
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EA_EXTRAS=${EA_EXTRAS:-test}
-EA_CACHE=${EA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ea-fairseq}
-FAIRSEQ_URL=https://files.pythonhosted.org/packages/30/36/db42846570f479ac859be3b48d8b47f2ae9b0b9c77487a512f2f2ecbcb6b/fairseq-0.12.2.tar.gz
-FAIRSEQ_SHA256=34f1b18426bf3844714534162f065ab733e049597476daa35fffb4d06a92b524
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; }
+offline=''
+dry_run=''
+while (($#)); do
+  case $1 in
+    --dry-run) dry_run=1; shift ;;
+    --offline)
+      [[ $# -ge 2 && -n "$2" ]] || die "--offline needs a folder: --offline DIR (made by scripts/wheelhouse.sh)"
+      offline=$(cd "$2" 2>/dev/null && pwd) || die "--offline $2: no such folder (make it with scripts/wheelhouse.sh DIR)"
+      shift 2
+      ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown argument '$1' (usage: bash scripts/install.sh [--offline DIR] [--dry-run])" ;;
+  esac
+done
 
+TORCH_SPEC_DEFAULT=torch==2.13.0
+TORCH_SPEC_SET=${TORCH_SPEC:+1}
+TORCH_SPEC=${TORCH_SPEC:-$TORCH_SPEC_DEFAULT}
+EA_CACHE=${EA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ea-fairseq}
+DEPS=$EA_REPO/scripts/lib/deps.py
+
+if [[ -n "$offline" ]]; then
+  manifest=$offline/WHEELHOUSE
+  [[ -f "$manifest" ]] || die "$offline has no WHEELHOUSE file: not a folder made by scripts/wheelhouse.sh"
+  wh() { sed -n "s/^$1=//p" "$manifest"; }
+  # Without an environment chosen, do not create a bare .venv that has no torch.
+  if [[ -z "${EA_PYTHON:-}${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" && ! -x "${EA_VENV:-$EA_REPO/.venv}/bin/python" ]]; then
+    hint=""
+    if have=$(python3 -c 'import torch, sys; print(sys.executable, torch.__version__)' 2>/dev/null); then
+      hint=" python3 (${have% *}) has torch ${have##* }: EA_PYTHON=python3 installs into its environment."
+    fi
+    die "--offline: no environment chosen. The wheelhouse holds no torch, so install into the Python that has it: set EA_PYTHON=/path/to/python or activate its venv/conda environment.$hint"
+  fi
+fi
+
+if [[ -n "$dry_run" && -z "${EA_PYTHON:-}${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" && ! -x "${EA_VENV:-$EA_REPO/.venv}/bin/python" ]]; then
+  log "dry run: would create the virtual environment ${EA_VENV:-$EA_REPO/.venv} with $(command -v python3 || echo 'python3 (not found)'), install $TORCH_SPEC there, then ea_fairseq with every pin of constraints.txt"
+  exit 0
+fi
 ea_activate_env
 PIP=("$PYTHON" -m pip --disable-pip-version-check)
-log "python: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+  || die "$PYTHON does not run"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || die "Python $pyver: ea-fairseq needs Python 3.10-3.13 (pyenv, or your distribution's python3.1x; EA_PYTHON=/path/to/python3.1x)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info >= (3, 14))' \
+  || log "WARNING: Python $pyver is not tested (3.10-3.13 are); fairseq 0.12.2's patches may not cover it"
+"${PIP[@]}" --version >/dev/null 2>&1 || die "$PYTHON has no pip (python -m ensurepip, or Debian: apt-get install python3-pip)"
+prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
+
+# Which pins apply: all of them in the project's own venv (unless it sees the system's
+# packages), only for missing packages in an environment the user brought.
+own_venv=$(cd "${EA_VENV:-$EA_REPO/.venv}" 2>/dev/null && pwd -P || true)
+if [[ -z "${EA_PINS:-}" ]]; then
+  if [[ -n "$own_venv" && "$(cd "$prefix" && pwd -P)" == "$own_venv" ]] \
+    && ! grep -qs '^include-system-site-packages *= *true' "$prefix/pyvenv.cfg"; then
+    EA_PINS=all
+  else
+    EA_PINS=missing
+  fi
+fi
+case $EA_PINS in
+  all) pins_note="the project's environment: every version of constraints.txt applies" ;;
+  missing) pins_note="an environment you brought: installed packages within setup.py's ranges are kept, constraints.txt pins what is missing" ;;
+  *) die "EA_PINS=$EA_PINS: expected all or missing" ;;
+esac
+if [[ -n "$offline" ]]; then
+  EA_EXTRAS=${EA_EXTRAS-$(wh extras)}
+elif [[ "$EA_PINS" == all ]]; then
+  EA_EXTRAS=${EA_EXTRAS-test}
+else
+  EA_EXTRAS=${EA_EXTRAS-plot,tensorboard}
+fi
+log "python: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])') ($pins_note)"
+
+INDEX=()
+if [[ -n "$offline" ]]; then
+  [[ "$(wh python)" == "$pyver" ]] \
+    || die "$offline was built for Python $(wh python), this is Python $pyver: build one for it (bash scripts/wheelhouse.sh DIR --python $pyver)"
+  INDEX=(--no-index --find-links "$offline")
+  # the isolated build of ea_fairseq (setuptools from the wheelhouse) must not look elsewhere either
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS=$offline
+  for e in ${EA_EXTRAS//,/ }; do
+    [[ ",$(wh extras)," == *",$e,"* ]] \
+      || die "EA_EXTRAS=$EA_EXTRAS: the wheelhouse was built with extras '$(wh extras)' (scripts/wheelhouse.sh DIR --extras $EA_EXTRAS)"
+  done
+  log "offline: installing from $offline only (no index; built $(wh created) for Python $(wh python), extras '$(wh extras)')"
+fi
 
 # 1. torch -------------------------------------------------------------------------
-torch_want=${TORCH_SPEC#torch==}
-torch_have=$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
-if [[ -n "$torch_have" && "${torch_have%%+*}" == "$torch_want" ]]; then
-  log "torch $torch_have already installed"
-else
-  log "installing $TORCH_SPEC"
-  "${PIP[@]}" install "$TORCH_SPEC"
+torch_req=$("$PYTHON" "$DEPS" requirements | grep -E '^torch([<>=!~ ]|$)')
+torch=$("$PYTHON" "$DEPS" torch)
+torch_install=''  # what to pip install, if anything
+case $torch in
+  ok\ *)
+    read -r _ torch_have torch_build <<<"$torch"
+    if [[ -n "$TORCH_SPEC_SET" ]] && ! "$PYTHON" "$DEPS" satisfies "$TORCH_SPEC"; then
+      [[ -z "$offline" ]] || die "TORCH_SPEC=$TORCH_SPEC: --offline installs no torch (the wheelhouse holds none); install it first"
+      log "replacing torch $torch_have ($torch_build build) by TORCH_SPEC=$TORCH_SPEC"
+      torch_install=$TORCH_SPEC
+    else
+      log "keeping torch $torch_have ($torch_build build), already installed: it meets $torch_req. To use another torch, install it first (or set TORCH_SPEC to have this script replace it)"
+    fi
+    ;;
+  missing)
+    [[ -z "$offline" ]] \
+      || die "no torch in $prefix, and --offline installs none (the wheelhouse holds none): install torch ($torch_req) first, or point EA_PYTHON at the Python that has it"
+    log "no torch in this environment: installing $TORCH_SPEC${TORCH_SPEC_SET:+ (TORCH_SPEC)}. To choose another, set TORCH_SPEC (e.g. TORCH_SPEC='torch==2.11.0'), or install your torch first (a CPU or CUDA build from pytorch.org): it will be kept. From PyPI, Linux wheels are CUDA builds (about 3 GB with their libraries)"
+    torch_install=$TORCH_SPEC
+    ;;
+  old\ *)
+    torch_have=${torch#old }
+    if [[ -n "$TORCH_SPEC_SET" && -z "$offline" ]]; then
+      log "torch $torch_have does not meet $torch_req: replacing it by TORCH_SPEC=$TORCH_SPEC"
+      torch_install=$TORCH_SPEC
+    else
+      die "torch $torch_have is installed, but ea-fairseq needs $torch_req: upgrade it yourself (keeping your CPU/CUDA build), or set TORCH_SPEC (e.g. TORCH_SPEC=$TORCH_SPEC_DEFAULT) to let this script replace it${offline:+ (online)}"
+    fi
+    ;;
+  *) die "unexpected answer from $DEPS torch: $torch" ;;
+esac
+if [[ -n "$dry_run" ]]; then
+  log "dry run: would install ${torch_install:-no torch}; then, with extras '$EA_EXTRAS' and pins '$EA_PINS': $("$PYTHON" "$DEPS" requirements --extras "$EA_EXTRAS" --no-torch | tr '\n' ' ')"
+  exit 0
 fi
-# Any later resolution must keep this torch.
-constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-"$PYTHON" -c 'import torch; print("torch==" + torch.__version__)' >"$constraints"
+[[ -z "$torch_install" ]] || "${PIP[@]}" install "$torch_install"
+"$PYTHON" -c 'import torch' 2>/dev/null || die "torch is installed but does not import: $("$PYTHON" -c 'import torch' 2>&1 | tail -n 1)"
+"$PYTHON" "$DEPS" satisfies "$torch_req" || die "torch $("$PYTHON" "$DEPS" torch) does not meet $torch_req (TORCH_SPEC=$TORCH_SPEC?)"
 
-# 2. ea_fairseq and its pinned dependencies ------------------------------------------
+# 2. ea_fairseq and its dependencies ---------------------------------------------------
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+keep=()
+[[ "$EA_PINS" == all ]] || keep=(--keep-installed)
+"$PYTHON" "$DEPS" constraints "$EA_REPO/constraints.txt" "${keep[@]}" >"$work/constraints.txt"
+"$PYTHON" "$DEPS" requirements --extras "$EA_EXTRAS" --no-torch >"$work/requirements.txt"
 extras=${EA_EXTRAS:+[$EA_EXTRAS]}
-prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
 stamp="$prefix/.ea-fairseq-install"
-want_stamp="$EA_REPO$extras $(cat "$constraints") $("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$EA_REPO/setup.py")"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && "$PYTHON" -c 'import ea_fairseq' 2>/dev/null; then
-  log "ea_fairseq$extras already installed (setup.py unchanged)"
+want_stamp="$EA_REPO$extras pins=$EA_PINS $(grep '^torch==' "$work/constraints.txt") $(cat "$EA_REPO/setup.py" "$EA_REPO/constraints.txt" | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && "$PYTHON" -c 'import ea_fairseq' 2>/dev/null \
+  && "$PYTHON" "$DEPS" check --extras "$EA_EXTRAS" >/dev/null 2>&1; then
+  log "ea_fairseq$extras already installed (setup.py and constraints.txt unchanged)"
 else
-  log "installing ea_fairseq$extras (editable) and its pinned dependencies"
-  "${PIP[@]}" install -c "$constraints" -e "$EA_REPO$extras"
+  log "installing the dependencies of ea_fairseq$extras"
+  "${PIP[@]}" install "${INDEX[@]}" -c "$work/constraints.txt" -r "$work/requirements.txt"
+  log "installing ea_fairseq (editable, $EA_REPO)"
+  "${PIP[@]}" install "${INDEX[@]}" --no-deps -e "$EA_REPO"
   printf '%s\n' "$want_stamp" >"$stamp"
 fi
 
@@ -67,43 +189,27 @@ fairseq_want=$("$PYTHON" "$EA_REPO/scripts/fairseq_patches.py" --version)
 fairseq_have=$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("fairseq"))' 2>/dev/null || true)
 if [[ "$fairseq_have" == "$fairseq_want" ]]; then
   log "fairseq $fairseq_have already installed"
+elif [[ -n "$offline" ]]; then
+  [[ "$(wh fairseq)" == "$fairseq_want" ]] \
+    || die "$offline holds fairseq $(wh fairseq), this checkout's patches make $fairseq_want (scripts/fairseq_patches.py changed): rebuild the wheelhouse with scripts/wheelhouse.sh"
+  log "installing fairseq $fairseq_want from $offline (--no-deps)"
+  "${PIP[@]}" install "${INDEX[@]}" --no-deps "fairseq==$fairseq_want"
 else
-  sdist=${FAIRSEQ_SDIST:-$EA_CACHE/fairseq-0.12.2.tar.gz}
-  if [[ ! -f "$sdist" ]]; then
-    [[ -z "${FAIRSEQ_SDIST:-}" ]] || die "FAIRSEQ_SDIST=$FAIRSEQ_SDIST: no such file"
-    mkdir -p "$EA_CACHE"
-    log "downloading $FAIRSEQ_URL"
-    "$PYTHON" - "$FAIRSEQ_URL" "$sdist.part" <<'PY'
-import sys, urllib.request
-urllib.request.urlretrieve(sys.argv[1], sys.argv[2])
-PY
-    mv "$sdist.part" "$sdist"
-  fi
-  have_sha=$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$sdist")
-  if [[ "$have_sha" != "$FAIRSEQ_SHA256" ]]; then
-    die "$sdist: sha256 $have_sha, expected $FAIRSEQ_SHA256 (delete it to download again)"
-  fi
-  build=$(mktemp -d)
-  trap 'rm -f "$constraints"; rm -rf "$build"' EXIT
-  tar -xzf "$sdist" -C "$build"
-  "$PYTHON" "$EA_REPO/scripts/fairseq_patches.py" "$build/fairseq-0.12.2"
+  sdist=$("$PYTHON" "$DEPS" fairseq-sdist "$EA_CACHE" --sdist "${FAIRSEQ_SDIST:-}") || die "no fairseq sdist (see above)"
+  tar -xzf "$sdist" -C "$work"
+  "$PYTHON" "$EA_REPO/scripts/fairseq_patches.py" "$work/fairseq-0.12.2"
   log "building and installing fairseq $fairseq_want (build isolation on, --no-deps)"
-  "${PIP[@]}" install --no-deps "$build/fairseq-0.12.2"
+  "${PIP[@]}" install --no-deps "$work/fairseq-0.12.2"
 fi
 
-"$PYTHON" -c 'import fairseq, ea_fairseq, torch; print("fairseq", fairseq.__version__, "| torch", torch.__version__, "| ea_fairseq", ea_fairseq.__version__)' \
+"$PYTHON" -c 'import fairseq, ea_fairseq, torch, numpy; print("fairseq", fairseq.__version__, "| torch", torch.__version__, "| numpy", numpy.__version__, "| ea_fairseq", ea_fairseq.__version__)' \
   || die "installation finished but 'import fairseq, ea_fairseq' fails"
-"${PIP[@]}" check || die "pip check found broken requirements (see above)"
-
-# 4. EA's one-pass CPU kernels (ea_fairseq/csrc/ea_step.cpp), built now rather than
-# on the first use. Optional: without a C++ compiler, decoding and training use PyTorch ops.
-if [[ "${EA_FAIRSEQ_STEP_KERNEL:-auto}" == off ]]; then
-  log "EA_FAIRSEQ_STEP_KERNEL=off: not building EA's one-pass CPU kernels"
-elif lib=$("$PYTHON" -c 'from ea_fairseq.modules import step_kernel; print(step_kernel.build())' 2>&1); then
-  log "EA's one-pass CPU kernels: ${lib##*$'\n'}"
-else
-  log "WARNING: EA's one-pass CPU kernels were not built, CPU decoding and training will use PyTorch ops (a few per cent slower):"
-  printf '%s\n' "$lib" | tail -n 5 >&2
+if ! problems=$("$PYTHON" "$DEPS" check --extras "$EA_EXTRAS"); then
+  die "unmet requirements after the install: ${problems//$'\n'/; }"
+fi
+if [[ "$EA_PINS" == all ]]; then
+  # the project's own environment holds nothing else: all of it must be consistent
+  "${PIP[@]}" check || die "pip check found broken requirements (see above)"
 fi
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then
   log "done. To use fairseq-train etc. in a new shell: source $VIRTUAL_ENV/bin/activate"

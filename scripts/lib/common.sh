@@ -19,7 +19,7 @@ ea_activate_env() {
   else
     local venv=${EA_VENV:-$EA_REPO/.venv}
     if [[ ! -x "$venv/bin/python" ]]; then
-      command -v python3 >/dev/null || die "python3 not found: install Python 3.8-3.11 first"
+      command -v python3 >/dev/null || die "python3 not found: install Python 3.10-3.13 first (pyenv, or your distribution's python3.1x; or set EA_PYTHON)"
       log "creating virtual environment $venv"
       python3 -m venv "$venv" || die "could not create a virtual environment in $venv (Debian: apt-get install python3-venv)"
     fi
