@@ -14,6 +14,8 @@
 #   MODE=sweep bash benchmarks/quality.sh multi30k10k  # alpha, beta, kernel, activation, conv decay
 #                                                      # -> results/multi30k10k_defaults.{json,png}
 #   bash benchmarks/quality.sh multi30k10k --report    # only (re)write the results from finished runs
+#   bash benchmarks/quality.sh tatoeba --runs-only     # train and evaluate, no results file (benchmarks/scale.py's
+#                                                      # runner calls it so, one run at a time)
 #
 # Corpora (prepared with the project's recipes if needed):
 #   multi30k10k  the converged runs in results/: Multi30k De-En, the first 10,000 training
@@ -22,6 +24,7 @@
 #   europarl8k   the same sizes on Europarl v7 Fr-En: the first 8,000 training lines
 #                (scripts/prepare-wmt-small.sh fr-en, in-domain valid/test of 1,000)
 #   multi30k     all of Multi30k De-En with the quickstart's d=128, 3+3 model (hours per run)
+#   tatoeba      Tatoeba De-En, cased (scripts/prepare-tatoeba.sh): 161,810 training pairs, the same model
 #   europarl20k  Europarl v7 Fr-En, 18k training lines (scripts/prepare-wmt-small.sh fr-en)
 #   wmt10k       WMT En-De, 10k pairs (scripts/prepare-wmt-small.sh en-de)
 #
@@ -30,7 +33,8 @@
 # marker) is only evaluated. The report covers every finished run of the mode's settings.
 #
 # Variables (all optional):
-#   MODE         main | sweep                                                   (main)
+#   MODE         main | sweep | scale (vanilla, ea, residual = --ea-alpha 0, ea-cross: the arms of
+#                benchmarks/scale.py's grid)                                    (main)
 #   SEEDS        training seeds                                 (main: 1 2 3; sweep: 1)
 #   ONLY         a regular expression on setting names                          (all)
 #   PATIENCE     epochs without a better valid loss before stopping (--patience)  (3)
@@ -53,16 +57,22 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib/common.sh"
 
 CORPUS=${1:-}
-REPORT_ONLY=0
-[[ "${2:-}" != --report ]] || REPORT_ONLY=1
-[[ -z "${2:-}" || "$REPORT_ONLY" == 1 ]] || die "unknown argument '$2' (expected --report)"
+REPORT_ONLY=0 RUNS_ONLY=0
+case "${2:-}" in
+  "") ;;
+  --report) REPORT_ONLY=1 ;;
+  --runs-only) RUNS_ONLY=1 ;;
+  *) die "unknown argument '$2' (expected --report or --runs-only)" ;;
+esac
 EA_STEP=quality-$CORPUS
 # the model of the CPU-sized presets: small enough that a run converges within the hour
 SMALL_MODEL="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 64 --decoder-embed-dim 64"
 SMALL_MODEL+=" --encoder-ffn-embed-dim 256 --decoder-ffn-embed-dim 256"
 PREPARE_ENV=()  # variables of the preparation recipe
+BENCH=multi30k  # scripts/train.sh's and evaluate.sh's recipe (the small CPU one)
 case "$CORPUS" in
   multi30k) DATA_DIR=multi30k.de-en PREPARE=(prepare-multi30k.sh) ;;
+  tatoeba) DATA_DIR=tatoeba.de-en PREPARE=(prepare-tatoeba.sh) BENCH=tatoeba ;;
   europarl20k) DATA_DIR=europarl20k.fr-en PREPARE=(prepare-wmt-small.sh fr-en) ;;
   wmt10k) DATA_DIR=wmt10k.en-de PREPARE=(prepare-wmt-small.sh en-de) ;;
   multi30k10k | europarl8k)
@@ -74,7 +84,7 @@ case "$CORPUS" in
     PREPARE_ENV=(TRAIN_LINES="$LINES" BPE_TOKENS=2000 WORK="${WORK:-$EA_REPO/work/$DATA_DIR}")
     : "${MODEL_ARGS=$SMALL_MODEL}" "${MAX_EPOCH:=120}"
     ;;
-  *) die "usage: quality.sh multi30k10k|europarl8k|multi30k|europarl20k|wmt10k [--report] (got '$CORPUS')" ;;
+  *) die "usage: quality.sh multi30k10k|europarl8k|multi30k|tatoeba|europarl20k|wmt10k [--report|--runs-only] (got '$CORPUS')" ;;
 esac
 MODE=${MODE:-main}
 # name|model|fairseq-train arguments of the setting
@@ -108,7 +118,18 @@ case "$MODE" in
     REPORT_NAME=${NAME:-$CORPUS}_defaults
     BASELINE=ea  # the question is whether a default should change
     ;;
-  *) die "MODE=$MODE: expected main or sweep" ;;
+  scale)
+    SEEDS=${SEEDS:-1 2}
+    SETTINGS=(
+      "vanilla|vanilla|"
+      "ea|ea|"
+      "residual|ea|--ea-alpha 0"
+      "ea-cross|ea|--ea-cross-attn"
+    )
+    REPORT_NAME=${NAME:-$CORPUS}_scale
+    BASELINE=vanilla
+    ;;
+  *) die "MODE=$MODE: expected main, sweep or scale" ;;
 esac
 PATIENCE=${PATIENCE:-3}
 NUM_AVG=${NUM_AVG:-3}
@@ -142,13 +163,16 @@ if [[ "$REPORT_ONLY" == 0 ]]; then
           "$PATIENCE" "$DATA_BIN" "$NUM_AVG" "$MAX_UPDATE" "${MAX_EPOCH:-}" <<'PY'
 import json, os, platform, sys, time
 path, corpus, name, model, seed, args, model_args, patience, data_bin, num_avg, max_update, max_epoch = sys.argv[1:]
+# what else shapes the run: train.sh's recipe variables as given (unset: its defaults), threads
+given = {k: os.environ[k] for k in ("LR", "WARMUP", "DROPOUT", "MAX_TOKENS", "UPDATE_FREQ", "OMP_NUM_THREADS",
+                                    "MKL_NUM_THREADS") if os.environ.get(k)}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
     if os.path.exists("/proc/cpuinfo") else platform.processor()
 info = {"corpus": corpus, "setting": name, "model": model, "seed": int(seed), "args": args,
         "model_args": model_args, "patience": int(patience), "data_bin": data_bin, "num_avg": int(num_avg),
         "max_update": int(max_update), "max_epoch": int(max_epoch) if max_epoch else None,
         "cpu": cpu, "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        "train_env": given, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 if os.path.exists(path):  # a resumed run keeps its first start
     info["started"] = json.load(open(path)).get("started", info["started"])
 json.dump(info, open(path, "w"), indent=2)
@@ -156,14 +180,14 @@ PY
         start=$(date +%s)
         MODEL=$model SAVE_DIR=$run SEED=$seed LOG_FORMAT=simple \
           EXTRA_ARGS="${MODEL_ARGS:-} --patience $PATIENCE $args" \
-          bash "$EA_REPO/scripts/train.sh" multi30k >>"$run/run.log" 2>&1 \
+          bash "$EA_REPO/scripts/train.sh" "$BENCH" >>"$run/run.log" 2>&1 \
           || die "training $name seed $seed failed (log: $run/run.log)"
         # seconds of each training invocation (a resumed run has several)
         echo $(($(date +%s) - start)) >>"$run/train_seconds"
         : >"$run/TRAINED"
       fi
       log "$name seed $seed: evaluating"
-      MODEL=$model SAVE_DIR=$run bash "$EA_REPO/scripts/evaluate.sh" multi30k >>"$run/run.log" 2>&1 \
+      MODEL=$model SAVE_DIR=$run bash "$EA_REPO/scripts/evaluate.sh" "$BENCH" >>"$run/run.log" 2>&1 \
         || die "evaluating $name seed $seed failed (log: $run/run.log)"
       if [[ "$PRUNE" == 1 ]]; then
         find "$run" -maxdepth 1 \( -regex '.*/checkpoint[0-9]+\.pt' -o -name checkpoint_last.pt \) -delete
@@ -172,10 +196,11 @@ PY
   done
 fi
 
+[[ "$RUNS_ONLY" == 0 ]] || exit 0
 mkdir -p "$OUT"
 "$PYTHON" "$EA_REPO/benchmarks/quality_report.py" --runs "$RUNS_DIR" --corpus "${NAME:-$CORPUS}" --data-bin "$DATA_BIN" \
   --json "$OUT/$REPORT_NAME.json" --png "$OUT/$REPORT_NAME.png" --paired-bs-n "${PAIRED_BS_N:-1000}" \
   --baseline "$BASELINE" \
-  --meta "train=scripts/train.sh multi30k (its small CPU recipe) on data_bin, + --patience" \
-  "evaluate=scripts/evaluate.sh multi30k (beam 5, lenpen 1, last num_avg epochs averaged)" "mode=$MODE" \
+  --meta "train=scripts/train.sh $BENCH (its small CPU recipe) on data_bin, + --patience" \
+  "evaluate=scripts/evaluate.sh $BENCH (beam 5, lenpen 1, last num_avg epochs averaged)" "mode=$MODE" \
   --settings "${SETTINGS[@]}"
