@@ -7,7 +7,9 @@ Each row runs the real command on real-format input (a cut-down Multi30k copy fr
 ../shared/data, checkpoints of a tiny model trained by scripts/train.sh), checks
 that it fails, that stderr holds every expected fragment (the file, line, flag or
 checkpoint, and the remedy), and that the listed paths do not exist afterwards (no
-half-written output looking complete) or are unchanged."""
+half-written output looking complete) or are unchanged. A few rows are inputs that
+work, with a warning: they check that the command succeeds and that its output
+(stdout and stderr: fairseq logs to stdout) holds the fragments."""
 
 import gzip
 import hashlib
@@ -17,11 +19,11 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 from conftest import BIN
-from helpers import REPO
+from helpers import REPO, USER_DIR
 from recipe_fixtures import SHARED, edit_gz_line, make_multi30k_dir
 
 SCRIPTS = Path(REPO) / "scripts"
@@ -38,6 +40,8 @@ class Case:
     name: str
     setup: Callable[["Workspace"], "Run"]
     expect: Sequence[str]  # fragments of stderr; "{ws}" is the workspace folder
+    succeeds: bool = False  # True: the input works, with a warning (fragments of stdout + stderr)
+    not_expect: Sequence[str] = ()  # fragments that must not be there
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Run:
     env: Dict[str, str] = field(default_factory=dict)
     absent: List[Path] = field(default_factory=list)  # must not exist afterwards
     unchanged: List[Path] = field(default_factory=list)  # files/folders whose content must not change
+    input: Optional[str] = None  # the command's stdin
 
 
 @dataclass
@@ -182,6 +187,43 @@ def unknown_benchmark(ws):
     return Run(_bash("evaluate.sh", "iwslt15"), {})
 
 
+def _fairseq_train(ws, *extra: str, env=None) -> Run:
+    """fairseq-train on the prepared data: the tiny EA model, one update."""
+    save = ws.root / "ckpt"
+    cmd = [str(BIN / "fairseq-train"), str(ws.data_bin), "--user-dir", USER_DIR, "--arch", "ea_transformer",
+           *TINY_MODEL.split(), "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "1000",
+           "--max-update", "1", "--save-dir", str(save), *extra]
+    return Run(cmd, env or {}, absent=[save])
+
+
+def fp16_on_the_cpu(ws):
+    return _fairseq_train(ws, "--cpu", "--fp16")
+
+
+def bf16_without_a_gpu(ws):
+    return _fairseq_train(ws, "--bf16", env={"CUDA_VISIBLE_DEVICES": ""})
+
+
+def one_layer_encoder_with_ea(ws):
+    run = _fairseq_train(ws, "--cpu", "--decoder-layers", "2", "--no-save")
+    run.absent = []
+    return run
+
+
+def _interactive(ws, text: str) -> Run:
+    return Run([str(BIN / "fairseq-interactive"), str(ws.data_bin), "--user-dir", USER_DIR,
+                "--path", str(ws.trained / "checkpoint_last.pt"), "--source-lang", "de", "--target-lang", "en",
+                "--beam", "2", "--max-len-b", "10", "--cpu"], input=text)
+
+
+def empty_line_to_interactive(ws):
+    return _interactive(ws, "ein hund läuft .\n\nzwei männer .\n")
+
+
+def long_line_to_interactive(ws):
+    return _interactive(ws, " ".join(["hund"] * 2000) + "\n")
+
+
 SWEEP = [
     # input                                     -> message (fragments)                                -> nothing left
     Case("invalid UTF-8, train.de.gz line 1234", bad_utf8,
@@ -207,6 +249,19 @@ SWEEP = [
     Case("--ea-alpha 1.5", bad_ea_flag, ["--ea-alpha must be a number in [0, 1], got 1.5"]),
     Case("MODEL=ea2", unknown_model, ["MODEL=ea2: expected ea or vanilla"]),
     Case("an unknown benchmark", unknown_benchmark, ["usage: evaluate.sh"]),
+    Case("fairseq-train --fp16 --cpu", fp16_on_the_cpu,
+         ["--fp16 trains in half precision on a GPU, and --cpu is set", "Leave out --fp16", "or train on a GPU"]),
+    Case("fairseq-train --bf16, no GPU visible", bf16_without_a_gpu,
+         ["--bf16 trains in half precision on a GPU, and no CUDA GPU is visible", "Leave out --bf16"]),
+    Case("--encoder-layers 1 with encoder EA (works, warns)", one_layer_encoder_with_ea,
+         ["--encoder-layers 1 with evolving encoder self-attention: EA needs at least two layers in a stack "
+          "to act", "nothing evolves there", "add --ea-no-encoder-self-attn", "done training"],
+         succeeds=True, not_expect=["--decoder-layers 1 with"]),
+    Case("an empty line to fairseq-interactive (works, warns)", empty_line_to_interactive,
+         ["input line 2 is empty: nothing to translate, its output (id 1) is an empty hypothesis",
+          "S-1\t\n", "H-1\t0.0\t\n", "H-2\t"], succeeds=True),
+    Case("a 2,000-token line to fairseq-interactive", long_line_to_interactive,
+         ["Size of sample #0 is invalid", "max_positions=(1024, 1024)", "--skip-invalid-size-inputs-valid-test"]),
 ]
 
 
@@ -234,10 +289,18 @@ def test_bad_input(case, trained, tmp_path):
     make_multi30k_dir(tmp_path / "m30k", n_train=1300)
     run = case.setup(ws)
     before = {p: _fingerprint(p) for p in run.unchanged}
-    proc = subprocess.run(run.cmd, env=_env(**run.env), cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0, f"{case.name}: it did not fail\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(run.cmd, env=_env(**run.env), cwd=tmp_path, input=run.input, capture_output=True,
+                          text=True, timeout=600)
+    if case.succeeds:
+        assert proc.returncode == 0, f"{case.name}: it failed\n{proc.stderr[-3000:]}"
+        shown = proc.stdout + proc.stderr
+    else:
+        assert proc.returncode != 0, f"{case.name}: it did not fail\n{proc.stderr[-3000:]}"
+        shown = proc.stderr
     for fragment in case.expect:
-        assert fragment.format(ws=tmp_path) in proc.stderr, f"{case.name}: no {fragment!r} in\n{proc.stderr[-3000:]}"
+        assert fragment.format(ws=tmp_path) in shown, f"{case.name}: no {fragment!r} in\n{shown[-3000:]}"
+    for fragment in case.not_expect:
+        assert fragment not in shown, f"{case.name}: {fragment!r} in\n{shown[-3000:]}"
     assert "Traceback" not in proc.stderr or case.name in _TRACEBACK_OK, proc.stderr[-3000:]
     for p in run.absent:
         assert not p.exists(), f"{case.name}: left {p}"
@@ -248,5 +311,7 @@ def test_bad_input(case, trained, tmp_path):
 
 # fairseq's own commands print a Python traceback above the message (fairseq's way of
 # failing); the recipes and scripts print the message alone.
-_TRACEBACK_OK = {"a 0-byte checkpoint_last.pt at resume", "an EA checkpoint without --user-dir", "--ea-alpha 1.5"}
+_TRACEBACK_OK = {"a 0-byte checkpoint_last.pt at resume", "an EA checkpoint without --user-dir", "--ea-alpha 1.5",
+                 "fairseq-train --fp16 --cpu", "fairseq-train --bf16, no GPU visible",
+                 "a 2,000-token line to fairseq-interactive"}
 

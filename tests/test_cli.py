@@ -118,14 +118,20 @@ def test_generate_in_fresh_process_matches_in_process_model(trained, generate_ou
 
 
 def test_interactive_translates(trained):
+    """An empty (or blank) line is not translated: its output is an empty hypothesis,
+    with a warning, and every other line keeps its id (its place in the input)."""
     bin_dir, save_dir, _ = trained
-    sentences = ["a b c d", "l k j i h", "c c a b e f g", "b a", "k a l e"]
+    sentences = ["a b c d", "l k j i h", "", "c c a b e f g", "b a", "   ", "k a l e"]
     proc = run([fairseq_cmd("fairseq-interactive"), bin_dir, "--user-dir", INSTALLED_USER_DIR,
                 "--path", save_dir / "checkpoint_last.pt", "--source-lang", "src", "--target-lang", "tgt",
-                "--beam", "5", "--cpu"], input="\n".join(sentences) + "\n")
+                "--beam", "5", "--cpu", "--buffer-size", "4"], input="\n".join(sentences) + "\n")
     hyps = _hypotheses(proc.stdout)
     assert len(hyps) == len(sentences)
-    correct = sum(hyps[i][1] == " ".join(reversed(s.split())) for i, s in enumerate(sentences))
+    assert hyps[2] == hyps[5] == (0.0, "")
+    for n in (3, 6):
+        assert f"input line {n} is empty: nothing to translate, its output (id {n - 1}) is an empty hypothesis" \
+            in proc.stdout
+    correct = sum(hyps[i][1] == " ".join(reversed(s.split())) for i, s in enumerate(sentences) if s.strip())
     assert correct >= 4, hyps
 
 

@@ -41,6 +41,7 @@ def test_help_lists_ea_options_with_their_help():
         words = " ".join(f.metadata["help"].split()[:6])
         assert words in flat, f"help text of {flag} missing: {words!r}"
     assert "(default: 0.5)" in flat and "--ea-activation {linear,relu,leaky_relu,gelu,tanh}" in flat
+    assert "--ea-attn-impl {eager,fused}" in flat and "the memory-saving fast path (same results) (default: fused)" in flat
     # fairseq's own model, task and criterion options are there too
     for flag in ("--encoder-layers", "--share-decoder-input-output-embed", "--source-lang"):
         assert flag in text

@@ -344,15 +344,15 @@ def _warn_one_layer_stacks(model: "EATransformerModel", ea: EvolvingAttentionCon
     with EA off there."""
     n_enc, n_dec = len(model.encoder.layers), len(model.decoder.layers)
     for stack, n, flag, what, remedy in (
-        ("encoder", n_enc, "--encoder-layers", "encoder self-attention", "add --ea-no-encoder-self-attn"),
-        ("decoder", n_dec, "--decoder-layers", "decoder self-attention", "add --ea-no-decoder-self-attn"),
-        ("cross", n_dec, "--decoder-layers", "cross-attention (--ea-cross-attn)", "leave out --ea-cross-attn"),
+        ("encoder", n_enc, "--encoder-layers", "encoder self-attention", "add --ea-no-encoder-self-attn to say so"),
+        ("decoder", n_dec, "--decoder-layers", "decoder self-attention", "add --ea-no-decoder-self-attn to say so"),
+        ("cross", n_dec, "--decoder-layers", "cross-attention", "leave out --ea-cross-attn"),
     ):
         if n == 1 and ea.enabled(stack):
             logger.warning(
                 "%s 1 with evolving %s: EA needs at least two layers in a stack to act (layer 1 "
                 "has no previous map and no convolution), so nothing evolves there: that stack is "
-                "plain attention. Use %s 2 or more, or %s to say so.",
+                "plain attention. Use %s 2 or more, or %s.",
                 flag, what, flag, remedy,
             )
 
