@@ -17,10 +17,10 @@ from typing import List
 import pytest
 import torch
 from conftest import fairseq_cmd, run
-from fairseq import checkpoint_utils, options, tasks
+from fairseq import checkpoint_utils, models, options, tasks
 from fairseq.dataclass.initialize import hydra_init
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-from helpers import REPO
+from helpers import REPO, DummyTask, make_dictionary, parse_model_args
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -213,3 +213,30 @@ def test_shipped_configs_compose_to_the_model_of_their_arch(name, reversal_data)
         if f != "_name":
             assert getattr(from_yaml, f) == getattr(from_flags, f), f
     assert cfg.common.user_dir == os.path.dirname(ea_fairseq.__file__)
+
+
+def test_a_flat_model_config_keeps_its_ea_keys():
+    """The path that used to drop every ea_* key (TransformerConfig.from_namespace copies
+    unknown keys with vars(), which a DictConfig does not have): a hydra model config in
+    fairseq's legacy style, an architecture and flat keys."""
+    flat = {"encoder_layers": 2, "decoder_layers": 2, "encoder_embed_dim": 16, "decoder_embed_dim": 16,
+            "encoder_ffn_embed_dim": 32, "decoder_ffn_embed_dim": 32, "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2, "ea_alpha": 0.3, "ea_beta": 0.7, "ea_kernel_size": 5,
+            "ea_activation": "tanh", "ea_conv_init": "kaiming", "ea_no_decoder_self_attn": True,
+            "ea_cross_attn": True, "ea_attn_impl": "eager"}
+    task = DummyTask(make_dictionary())
+    model = models.build_model(OmegaConf.create({"_name": "ea_transformer_iwslt_de_en", **flat}), task)
+    args = parse_model_args("ea_transformer_iwslt_de_en",
+                            [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+                             for k, v in flat.items()])
+    assert describe_ea(model) == describe_ea(EATransformerModel.build_model(args, task))
+    assert describe_ea(model)[0].startswith("encoder self-attention: evolving in layers 1-2 of 2 (alpha=0.3 beta=0.7 ")
+    assert describe_ea(model)[1].startswith("decoder self-attention: plain attention")
+    assert describe_ea(model)[2].endswith("impl=eager); conv weight (2, 2, 5, 5) in layers 2")
+
+
+def test_an_architecture_name_in_a_structured_config_is_refused():
+    cfg = OmegaConf.merge(OmegaConf.structured(EATransformerConfig), {"_name": "ea_transformer_iwslt_de_en"})
+    with pytest.raises(ValueError, match="model._name=ea_transformer_iwslt_de_en: the ea_transformer_\\* "
+                                         "architectures are presets of the command line"):
+        models.build_model(cfg, DummyTask(make_dictionary()))
