@@ -23,7 +23,7 @@
 #   TORCH_SPEC     the torch to install where none is (torch==2.13.0); set, it also
 #                  replaces a torch that does not meet it
 #   EA_EXTRAS      extras of ea_fairseq: plot, tensorboard, test (test in the project's
-#                  .venv, plot,tensorboard elsewhere; with --offline, the wheelhouse's)
+#                  .venv, plot elsewhere; with --offline, the wheelhouse's)
 #   EA_PINS        all | missing: which pins of constraints.txt apply (see step 2)
 #   EA_CACHE       download cache for the fairseq sdist      (~/.cache/ea-fairseq)
 #   FAIRSEQ_SDIST  a local fairseq-0.12.2.tar.gz to use instead of downloading
@@ -105,7 +105,7 @@ if [[ -n "$offline" ]]; then
 elif [[ "$EA_PINS" == all ]]; then
   EA_EXTRAS=${EA_EXTRAS-test}
 else
-  EA_EXTRAS=${EA_EXTRAS-plot,tensorboard}
+  EA_EXTRAS=${EA_EXTRAS-plot}
 fi
 log "python: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])') ($pins_note)"
 
