@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import fairseq_cmd, run
 from fairseq import checkpoint_utils, models, options, tasks
-from fairseq.dataclass.initialize import hydra_init
+from fairseq.dataclass.initialize import add_defaults, hydra_init
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from helpers import REPO, DummyTask, make_dictionary, parse_model_args
 from hydra import compose, initialize_config_dir
@@ -78,6 +78,7 @@ def _build_from_flags(bin_dir, flags):
     args = options.parse_args_and_arch(options.get_training_parser(),
                                        [str(bin_dir), "--user-dir", "ea_fairseq", *flags])
     cfg = convert_namespace_to_omegaconf(args)
+    add_defaults(cfg)
     task = tasks.setup_task(cfg.task)
     return task.build_model(cfg.model)
 
@@ -139,10 +140,10 @@ def test_hydra_checkpoint_loads_through_the_hub(hydra_run, reversal_data):
 
 
 def test_flags_checkpoint_round_trips_every_option(reversal_data, tmp_path):
-    """fairseq-train with flags (all three stacks on, the eager path), then the
-    checkpoint through fairseq's loader (what fairseq-generate uses)."""
+    """fairseq-train with flags and an architecture preset (all three stacks on, the
+    eager path), then the checkpoint through fairseq's loader (what fairseq-generate uses)."""
     _, bin_dir = reversal_data
-    flags = RECIPE_FLAGS + ["--ea-alpha", "0.3", "--ea-beta", "0.7", "--ea-kernel-size", "5",
+    flags = ["--arch", "ea_transformer_iwslt_de_en"] + RECIPE_FLAGS[2:] + ["--ea-alpha", "0.3", "--ea-beta", "0.7", "--ea-kernel-size", "5",
                             "--ea-activation", "gelu", "--ea-conv-init", "kaiming", "--ea-cross-attn",
                             "--ea-attn-impl", "eager"]
     proc = run([fairseq_cmd("fairseq-train"), bin_dir, "--user-dir", "ea_fairseq", *flags,

@@ -528,8 +528,6 @@ def _keep_the_command_line_on_argparse() -> None:
         ARCH_MODEL_NAME_REGISTRY[arch] = "transformer"
 
 
-_keep_the_command_line_on_argparse()
-
-
 for _name in FAIRSEQ_ARCHS:
     _register_ea_arch(_name)
+_keep_the_command_line_on_argparse()
