@@ -12,6 +12,8 @@ import subprocess
 import venv
 from pathlib import Path
 
+import packaging
+import pip
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -27,9 +29,14 @@ def canonical(name):
 
 @pytest.fixture(scope="module")
 def bare_venv(tmp_path_factory):
-    """A venv with pip only (the stand-in for a user's environment): its python."""
+    """A venv with pip only (the stand-in for a user's environment): its python. pip
+    (and the packaging library that scripts/lib/deps.py prefers) are linked in from this
+    test's environment, which is much faster than ensurepip."""
     root = tmp_path_factory.mktemp("env") / "venv"
-    venv.EnvBuilder(with_pip=True).create(root)
+    venv.EnvBuilder(with_pip=False).create(root)
+    site = site_packages(root / "bin" / "python")
+    for module in (pip, packaging):
+        (site / module.__name__).symlink_to(Path(module.__file__).parent)
     return root / "bin" / "python"
 
 
