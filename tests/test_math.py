@@ -113,10 +113,10 @@ def test_stack_matches_the_formulas(causal, kernel, impl):
 @pytest.mark.parametrize("grows", [True, False], ids=["self", "cross"])
 @pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "conv2d"])
 def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, kernel, grows, matmul):
-    """One new row at a time, given the k-1 rows above it (keys growing by one per step as
-    in self-attention, or fixed as in cross-attention), EAConv gives the rows of
-    act(causal conv(M)) over the whole map, written out with loops: by its matrix product
-    (``step_matmul``, the fused path) and by F.conv2d (``forward`` with history, eager)."""
+    """One new row at a time, with the rows it hands on from step to step (keys growing by
+    one per step as in self-attention, or fixed as in cross-attention), EAConv gives the
+    rows of act(causal conv(M)) over the whole map, written out with loops: by its matrix
+    product (``step_matmul``, the fused path) and by F.conv2d (``step``, eager)."""
     from ea_fairseq.modules.evolving_attention import EA_ACTIVATIONS, EAConv
 
     torch.manual_seed(0)
@@ -139,12 +139,10 @@ def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, ker
                         c += m[:, :, y, x] @ w[:, :, dy, dx].T  # (B, H_in) -> (B, H_out)
             want[:, :, i, j] = EA_ACTIVATIONS[activation](c)
     with torch.no_grad():
+        rows = None
         for i in range(T):
             width = i + 1 if grows else T
-            history = torch.zeros(B, H, kernel - 1, width - 1 if grows and i > 0 else width, dtype=torch.float64)
-            rows = m[:, :, max(0, i - kernel + 1): i, : history.size(3)]
-            history[:, :, kernel - 1 - rows.size(2):] = rows  # zero above the first row
             new = m[:, :, i: i + 1, :width]
-            got = conv.step_matmul(new, history) if matmul else conv(new, history)
-            assert got.shape == (B, H, 1, width)
+            got, rows = conv.step_matmul(new, rows) if matmul else conv.step(new, rows)
+            assert got.shape == (B, H, 1, width) and rows.shape == (H, kernel - 1, B, width)
             torch.testing.assert_close(got, want[:, :, i: i + 1, :width], rtol=0, atol=1e-12)

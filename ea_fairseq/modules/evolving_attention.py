@@ -95,14 +95,9 @@ class EAConv(nn.Module):
     def extra_repr(self) -> str:
         return f"causal={self.causal}, activation={self.activation}"
 
-    def pad(self, m: Tensor, history: Optional[Tensor] = None) -> Tensor:
-        """The conv's input: m (B, H, Tq, Tk) zero-padded to (B, H, Tq+k-1, Tk+k-1). In
-        decoding, ``history`` (B, H, k-1, Tk') holds the k-1 rows of M above m (Tk' <= Tk:
-        keys that came later are zero in them) and takes the place of the top padding."""
+    def pad(self, m: Tensor) -> Tensor:
+        """The conv's input: m (B, H, Tq, Tk) zero-padded to (B, H, Tq+k-1, Tk+k-1)."""
         k, r = self.kernel_size, self.kernel_size // 2
-        if history is not None:
-            history = F.pad(history, (0, m.size(3) - history.size(3)))
-            return F.pad(torch.cat([history, m], 2), (r, r))
         return F.pad(m, (r, r, k - 1, 0) if self.causal else (r, r, r, r))
 
     def unpad(self, x: Tensor) -> Tensor:
@@ -111,29 +106,43 @@ class EAConv(nn.Module):
         top = k - 1 if self.causal else r
         return x[:, :, top: x.size(2) - (k - 1 - top), r: x.size(3) - r]
 
-    def forward(self, m: Tensor, history: Optional[Tensor] = None) -> Tensor:
-        """act(conv(M)) for m (B, H, Tq, Tk), zero at masked cells (``history``: see ``pad``)."""
-        w, b = self.conv.weight.to(m.dtype), self.conv.bias.to(m.dtype)
-        return self.act(F.conv2d(self.pad(m, history), w, b))
+    def forward(self, m: Tensor) -> Tensor:
+        """act(conv(M)) for m (B, H, Tq, Tk), zero at masked cells."""
+        return self.act(F.conv2d(self.pad(m), self.conv.weight.to(m.dtype), self.conv.bias.to(m.dtype)))
 
-    def step_matmul(self, m: Tensor, history: Tensor) -> Tensor:
-        """``forward(m, history)`` for one new row (m: (B, H, 1, Tk)) as one matrix product:
-        the taps, rows (kx, H_out) and columns (H_in, ky), times the k rows of the window,
-        rows (H_in, ky) and columns (B, keys); then, for each kx, the product shifted by kx
-        along keys is added. Unlike F.conv2d it needs no new conv primitive for every key
-        length, which a decoding step would otherwise build."""
+    def step(self, m: Tensor, rows: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Decoding (causal conv): act(conv(M)) for the new rows m (B, H, Tq, Tk) of M, given
+        ``rows`` (H, k-1, B, Tk'), the k-1 rows of M above them as the last step handed them
+        on (None before the first step; Tk' <= Tk: keys that came later are zero in them).
+        Returns that (B, H, Tq, Tk) and the last k-1 rows for the next step (H, k-1, B, Tk)."""
+        k, r, src_len = self.kernel_size, self.kernel_size // 2, m.size(3)
+        if rows is None:
+            x = self.pad(m)
+        else:
+            above = F.pad(rows.permute(2, 0, 1, 3), (0, src_len - rows.size(3)))  # (B, H, k-1, Tk)
+            x = F.pad(torch.cat([above, m], 2), (r, r))
+        c = self.act(F.conv2d(x, self.conv.weight.to(m.dtype), self.conv.bias.to(m.dtype)))
+        return c, x[:, :, x.size(2) - (k - 1):, r: r + src_len].permute(1, 2, 0, 3)
+
+    def step_matmul(self, m: Tensor, rows: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """``step`` for one new row (m: (B, H, 1, Tk)) as one matrix product: the taps, rows
+        (kx, H_out) and columns (H_in, ky), times the window of the last k rows, rows (H_in,
+        ky) and columns (B, keys); then, for each kx, the product shifted by kx along keys
+        is added. Unlike F.conv2d it needs no new conv primitive for every key length, and
+        the window is laid out as the rows are kept, so that they go on as a view of it."""
         bsz, heads, _, src_len = m.shape
         k, r = self.kernel_size, self.kernel_size // 2
         width = src_len + 2 * r
         window = m.new_zeros(heads, k, bsz, width)  # (H_in, ky, B, keys with their padding)
-        window[:, : k - 1, :, r: r + history.size(3)] = history.permute(1, 2, 0, 3)
+        if rows is not None:
+            window[:, : k - 1, :, r: r + rows.size(3)] = rows
         window[:, k - 1, :, r: r + src_len] = m[:, :, 0].transpose(0, 1)
         taps = self.conv.weight.to(m.dtype).permute(3, 0, 1, 2).reshape(k * heads, heads * k)
         z = (taps @ window.view(heads * k, bsz * width)).view(k, heads, bsz, width)
         c = z[0, :, :, :src_len] + self.conv.bias.to(m.dtype).view(heads, 1, 1)  # (H_out, B, Tk)
         for dx in range(1, k):
             c = c + z[dx, :, :, dx: dx + src_len]
-        return self.act(c.transpose(0, 1).unsqueeze(2))  # (B, H, 1, Tk)
+        return self.act(c.transpose(0, 1).unsqueeze(2)), window[:, 1:, :, r: r + src_len]
 
 
 class EAMasks(NamedTuple):
@@ -302,7 +311,8 @@ class EvolvingMultiheadAttention(MultiheadAttention):
     padding mask, and returns ``EAOutput(out, weights, map)``. Keys and values are kept in
     fairseq's incremental state as fairseq keeps them (and reordered by fairseq's code,
     including its ``set_beam_size`` shortcut that keeps cross-attention keys once per
-    sentence); a causal conv keeps the last k-1 rows of M per hypothesis under "ea_state".
+    sentence); a causal conv keeps the last k-1 rows of M per hypothesis under "ea_state",
+    laid out (H, k-1, B, Tk) as a decoding step's window takes them.
     Rewrites the attention of fairseq/modules/multihead_attention.py (0.12.2,
     ``MultiheadAttention.forward``) and reuses its projections and state helpers.
     """
@@ -439,18 +449,14 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         """A = lerp(M, act(conv(M)), alpha) (M where there is no conv). While decoding with a
         causal conv, the rows above M's come from the incremental state, which then keeps
         the last k-1 rows for the next step (reordered with the beam)."""
-        conv, k = self.ea_conv, self.ea.kernel_size
+        conv = self.ea_conv
         if conv is None:
             return m
-        if incremental_state is None or not conv.causal or k == 1:
+        if incremental_state is None or not conv.causal or conv.kernel_size == 1:
             return torch.lerp(m, conv(m), self.ea.alpha)
         state = self.get_incremental_state(incremental_state, "ea_state")
-        rows = state["rows"] if state is not None else m.new_zeros(m.size(0), m.size(1), k - 1, m.size(3))
-        if self.ea.impl == "fused" and m.size(2) == 1:
-            c = conv.step_matmul(m, rows)
-        else:
-            c = conv(m, rows)
-        rows = torch.cat([F.pad(rows, (0, m.size(3) - rows.size(3))), m], 2)[:, :, -(k - 1):]
+        step = conv.step_matmul if self.ea.impl == "fused" and m.size(2) == 1 else conv.step
+        c, rows = step(m, None if state is None else state["rows"])
         self.set_incremental_state(incremental_state, "ea_state", {"rows": rows})
         return torch.lerp(m, c, self.ea.alpha)
 
@@ -474,5 +480,5 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         incremental_state = super().reorder_incremental_state(incremental_state, new_order)
         state = self.get_incremental_state(incremental_state, "ea_state")
         if state is not None:
-            self.set_incremental_state(incremental_state, "ea_state", {"rows": state["rows"].index_select(0, new_order)})
+            self.set_incremental_state(incremental_state, "ea_state", {"rows": state["rows"].index_select(2, new_order)})
         return incremental_state
