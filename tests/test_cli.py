@@ -130,7 +130,7 @@ def test_interactive_translates(trained):
     assert hyps[2] == hyps[5] == (0.0, "")
     for n in (3, 6):
         assert f"input line {n} is empty: nothing to translate, its output (id {n - 1}) is an empty hypothesis" \
-            in proc.stdout
+            in proc.stdout + proc.stderr
     correct = sum(hyps[i][1] == " ".join(reversed(s.split())) for i, s in enumerate(sentences) if s.strip())
     assert correct >= 4, hyps
 
