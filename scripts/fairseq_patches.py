@@ -489,20 +489,24 @@ USABILITY_PATCHES = [
         "--fp16/--bf16 without a GPU: a message naming the flag and the remedy",
         "def main(cfg: FairseqConfig) -> None:\n",
         "def _ea_check_half_precision(cfg) -> None:\n"
-        "    \"\"\"ea-fairseq patch: fp16/bf16 training needs CUDA (or a TPU with --tpu).\"\"\"\n"
+        "    \"\"\"ea-fairseq patch: fp16/bf16 training needs CUDA (or a TPU with --tpu), except with\n"
+        "    --fp16-no-flatten-grads, whose master copies live beside each parameter.\"\"\"\n"
         "    c = cfg.common\n"
         "    flags = [f for f in (\"fp16\", \"bf16\", \"memory_efficient_fp16\", \"memory_efficient_bf16\")\n"
         "             if getattr(c, f, False)]\n"
         "    if not flags or getattr(c, \"tpu\", False) or (torch.cuda.is_available() and not c.cpu):\n"
         "        return\n"
+        "    if getattr(c, \"fp16_no_flatten_grads\", False) and not flags[0].startswith(\"memory_efficient\"):\n"
+        "        return  # fp32 master copies beside each parameter, on its device: works on a CPU\n"
         "    flag = \"--\" + flags[0].replace(\"_\", \"-\")\n"
         "    raise ValueError(\n"
         "        f\"{flag} trains in half precision on a GPU, and \"\n"
         "        + (\"--cpu is set\" if c.cpu else \"no CUDA GPU is visible\")\n"
-        "        + \": fairseq's fp16/bf16 training keeps its fp32 master weights on CUDA. \"\n"
+        "        + \": fairseq's fp16/bf16 training keeps its flattened fp32 master weights on CUDA. \"\n"
         "        f\"Leave out {flag} (hydra: common.{flags[0]}=false) to train in fp32 on the CPU, \"\n"
-        "        \"or train on a GPU. (On the CPU, fairseq-generate and fairseq-interactive --fp16 \"\n"
-        "        \"decode in fp16.)\"\n"
+        "        \"or train on a GPU, or add --fp16-no-flatten-grads (hydra: common.fp16_no_flatten_grads=true) \"\n"
+        "        \"to keep a master copy beside each parameter, which works on the CPU (slowly: for tests). \"\n"
+        "        \"(On the CPU, fairseq-generate and fairseq-interactive --fp16 decode in fp16.)\"\n"
         "    )\n\n\n"
         "def main(cfg: FairseqConfig) -> None:\n",
     ),

@@ -7,11 +7,12 @@ import torch
 from helpers import EA_ALL, build_model, full_logits, random_batch
 
 
-def test_fairseq_train_fp16_on_the_cpu(reversal_data, tmp_path):
-    """fairseq's own fp16 machinery (model.half(), FP16Optimizer with loss scaling) on an
-    EA model. On a CPU fairseq needs --fp16-no-flatten-grads (its flattened fp32 copy is
-    made on CUDA); --bf16 with --cpu takes fairseq's TPU path and cannot run here, so
-    bfloat16 is tested through the optimizer wrapper below."""
+@pytest.mark.parametrize("flag", ["--fp16", "--bf16"])
+def test_fairseq_train_half_precision_on_the_cpu(reversal_data, tmp_path, flag):
+    """fairseq's own half-precision machinery (model.half() / bfloat16(), FP16Optimizer,
+    with loss scaling in fp16) on an EA model. On a CPU fairseq needs
+    --fp16-no-flatten-grads (its flattened fp32 copy is made on CUDA; without the flag
+    fairseq-train stops with a message saying so, see test_bad_input_sweep.py)."""
     import re
 
     from conftest import fairseq_cmd, run
@@ -23,11 +24,12 @@ def test_fairseq_train_fp16_on_the_cpu(reversal_data, tmp_path):
                "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
                "--encoder-attention-heads", "4", "--decoder-attention-heads", "4", "--ea-cross-attn",
                "--optimizer", "adam", "--lr", "2e-3", "--max-tokens", "600", "--max-update", "40", "--cpu",
-               "--fp16", "--fp16-no-flatten-grads", "--save-dir", tmp_path, "--log-format", "simple",
+               flag, "--fp16-no-flatten-grads", "--save-dir", tmp_path, "--log-format", "simple",
                "--log-interval", "10", "--seed", "1"], timeout=600).stdout
     losses = [float(x) for x in re.findall(r"train_inner \| .* loss=([\d.]+)", log)]
     assert len(losses) >= 2 and losses[-1] < losses[0], log[-2000:]
-    assert "loss_scale" in log
+    inner = [line for line in log.splitlines() if "train_inner |" in line]
+    assert all(("loss_scale=" in line) == (flag == "--fp16") for line in inner)  # bfloat16 needs no scaling
     ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
     # "_float_tensor" is fairseq's dtype/device marker in SinusoidalPositionalEmbedding, made with
     # torch.FloatTensor(1) and never initialised: its one value is whatever the memory held.
