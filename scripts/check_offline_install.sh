@@ -47,7 +47,8 @@ py=$(find_python "$python_arg")
 pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 if [[ -z "$work" ]]; then
   work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
+  # removed in the background: the venv holds torch's CUDA libraries (~5 GB, ~20 s to delete)
+  trap 'rm -rf "$work" &' EXIT
 else
   mkdir -p "$work"
 fi
