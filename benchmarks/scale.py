@@ -32,6 +32,7 @@ docs/scale.md); ``--grid FILE`` runs another one given as JSON in the same layou
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -123,16 +124,20 @@ class Grid:
         return next(c for c in self.corpora if c.name == name)
 
     def points(self) -> List["Point"]:
-        """Every run of the grid, in the order they are started: size by size (smallest
-        first), corpus by corpus, seed by seed, arm by arm (so that a partly finished grid
-        has whole seeds of a point)."""
+        """Every run of the grid, in the order they are started: seed by seed (the first
+        seed of every point before any second seed), then size by size (smallest first),
+        corpus by corpus, arm by arm. A grid stopped early so has whole curves with fewer
+        seeds rather than some sizes with every seed and others with none."""
         out = []
         order = {s.name: i for i, s in enumerate(self.sizes)}
-        for block in sorted(self.blocks, key=lambda b: order[b.size]):
-            for corpus in self.corpora:
-                for seed in block.seeds:
+        blocks = sorted(self.blocks, key=lambda b: order[b.size])
+        for k in range(max((len(b.seeds) for b in blocks), default=0)):
+            for block in blocks:
+                if k >= len(block.seeds):
+                    continue
+                for corpus in self.corpora:
                     for arm in block.arms:
-                        out.append(Point(corpus.name, block.size, arm, seed))
+                        out.append(Point(corpus.name, block.size, arm, block.seeds[k]))
         return out
 
     def validate(self) -> None:
@@ -491,7 +496,24 @@ class Runner:
                 os.killpg(proc.pid, signal.SIGKILL)
         raise SystemExit(130)
 
+    def lock(self) -> None:
+        """One runner per run folder: a second `scale.sh run` would train the same points."""
+        self.layout.runs.mkdir(parents=True, exist_ok=True)
+        path = self.layout.runs / ".runner.lock"
+        self._lock = open(path, "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            raise SystemExit(f"another scale.sh run is using {self.layout.runs} (process {self._lock.read().strip()}); "
+                             "wait for it to end, or stop it: it resumes where it stopped")
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+
     def run(self, points: List[Point]) -> None:
+        self.lock()
         todo = []
         for p in points:
             st = state(self.grid, self.layout, p)
@@ -596,6 +618,9 @@ def main(argv=None) -> int:
     import scale_report
 
     scale_report.write_report(grid, layout, args.json, args.png, args.paired_bs_n)
+    if args.command == "run" and args.commit and runner.finished:
+        git_commit([args.json, args.png], f"results/scale.json, scale.png: the report after {len(runner.finished)} "
+                                          "more run(s) of the scale grid")
     return 1 if args.command == "run" and runner.failed else 0
 
 

@@ -301,6 +301,14 @@ def test_commit_waits_for_the_index_lock_and_commits_only_its_files(tmp_path):
     assert not scale.git_commit([tmp_path / "elsewhere" / "seed1.json"], "not in a work tree")
 
 
+def test_a_second_runner_on_the_same_runs_is_refused(tmp_path):
+    layout = scale.Layout(tmp_path / "runs", tmp_path / "results")
+    first = scale.Runner(scale.default_grid(), layout, 1, 1, False)
+    first.lock()
+    with pytest.raises(SystemExit, match=f"another scale.sh run is using .* \\(process {os.getpid()}\\)"):
+        scale.Runner(scale.default_grid(), layout, 1, 1, False).lock()
+
+
 def test_timing_parser_reads_intervals():
     log = "\n".join(
         f"epoch 001:     {u} / 130 loss=9, nll_loss=9, ppl=1, wps={w}, ups=1, wpb={b}, bsz=9, num_updates={u}, lr=1"
@@ -397,6 +405,9 @@ def test_toy_grid_runs_side_by_side_and_commits_each_run(toy):
         arm = c[0].split()[3]
         assert sorted(c[1:]) == [f"results/scale/tatoeba/d16/{arm}/seed1.hyp.en",
                                  f"results/scale/tatoeba/d16/{arm}/seed1.json"]
+    # and the report, once the runs are done
+    assert any(c[0].startswith("results/scale.json, scale.png: the report after 2 more run(s)") and
+               sorted(c[1:]) == ["results/scale.json", "results/scale.png"] for c in commits)
     # checkpoints stay out of results/ and of git
     assert not list((root / "repo").rglob("*.pt"))
 
