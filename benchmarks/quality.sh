@@ -165,7 +165,7 @@ import json, os, platform, sys, time
 path, corpus, name, model, seed, args, model_args, patience, data_bin, num_avg, max_update, max_epoch = sys.argv[1:]
 # what else shapes the run: train.sh's recipe variables as given (unset: its defaults), threads
 given = {k: os.environ[k] for k in ("LR", "WARMUP", "DROPOUT", "MAX_TOKENS", "UPDATE_FREQ", "OMP_NUM_THREADS",
-                                    "MKL_NUM_THREADS") if os.environ.get(k)}
+                                    "MKL_NUM_THREADS", "SCALE_JOBS") if os.environ.get(k)}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
     if os.path.exists("/proc/cpuinfo") else platform.processor()
 info = {"corpus": corpus, "setting": name, "model": model, "seed": int(seed), "args": args,

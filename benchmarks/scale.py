@@ -183,10 +183,10 @@ def default_grid() -> Grid:
         Size("d64", dim=64, layers=2, ffn=256, heads=4, lr=2e-3, warmup=200, dropout=0.2,
              max_epoch={"multi30k": 120, "tatoeba": 40}),
         # the quickstart's model
-        Size("d128", dim=128, layers=3, ffn=512, heads=4, lr=1.5e-3, warmup=500, dropout=0.2,
+        Size("d128", dim=128, layers=3, ffn=512, heads=4, lr=1.5e-3, warmup=400, dropout=0.2,
              max_epoch={"multi30k": 80, "tatoeba": 20}),
         # transformer-base proportions at d=256 (FFN 4d, 4 heads of 64)
-        Size("d256", dim=256, layers=3, ffn=1024, heads=4, lr=1e-3, warmup=1000, dropout=0.3,
+        Size("d256", dim=256, layers=3, ffn=1024, heads=4, lr=1e-3, warmup=500, dropout=0.3,
              max_epoch={"multi30k": 40, "tatoeba": 8}),
     ]
     corpora = [
@@ -346,7 +346,7 @@ def prepare_corpora(grid: Grid, corpora: Sequence[str]) -> None:
             raise SystemExit(f"preparing {name} failed: {' '.join(cmd)}")
 
 
-def point_env(grid: Grid, layout: Layout, p: Point, threads: int) -> Dict[str, str]:
+def point_env(grid: Grid, layout: Layout, p: Point, threads: int, jobs: int) -> Dict[str, str]:
     size, arm, corpus = grid.size(p.size), grid.arm(p.arm), grid.corpus(p.corpus)
     env = dict(os.environ)
     env.update(grid.env)
@@ -356,7 +356,7 @@ def point_env(grid: Grid, layout: Layout, p: Point, threads: int) -> Dict[str, s
         "MODEL_ARGS": size.model_args(), "PATIENCE": str(size.patience), "MAX_UPDATE": str(size.max_update),
         "NUM_AVG": str(size.num_avg), "LR": repr(size.lr), "WARMUP": str(size.warmup),
         "DROPOUT": repr(size.dropout), "MAX_TOKENS": str(size.max_tokens), "PRUNE": "1", "CPU": "1",
-        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SCALE_JOBS": str(jobs),
     })
     cap = size.max_epoch.get(p.corpus)
     if cap:
@@ -385,6 +385,8 @@ def collect(grid: Grid, layout: Layout, p: Point, threads: int, jobs: int) -> Pa
     os.replace(out_hyp.with_name(out_hyp.name + ".tmp"), out_hyp)
     secs = (run / "train_seconds").read_text().split() if (run / "train_seconds").exists() else []
     vocab = dictionary_size(data_bin)
+    # how it was trained (run.json, written by quality.sh when training started), else how it is collected now
+    given = json.loads((run / "run.json").read_text()).get("train_env", {}) if (run / "run.json").exists() else {}
     rec.update({
         "point": p.name, "corpus": p.corpus, "size": p.size, "arm": p.arm,
         # the parameters the model uses; fairseq's own log line counts, for vanilla, the second copy
@@ -395,7 +397,8 @@ def collect(grid: Grid, layout: Layout, p: Point, threads: int, jobs: int) -> Pa
         "recipe": {"lr": size.lr, "warmup": size.warmup, "dropout": size.dropout, "max_tokens": size.max_tokens,
                    "patience": size.patience, "max_epoch": size.max_epoch.get(p.corpus), "num_avg": size.num_avg,
                    "beam": 5},
-        "threads": threads, "jobs": jobs, "invocations": len(secs) or None,
+        "threads": int(given.get("OMP_NUM_THREADS", threads)), "jobs": int(given.get("SCALE_JOBS", jobs)),
+        "invocations": len(secs) or None,
         "data_bin": quality_report._rel(data_bin), "prepared": _prepared_info(data_bin),
         "hypotheses": quality_report._rel(out_hyp),
         "run_dir": quality_report._rel(run),
@@ -453,7 +456,7 @@ class Runner:
         corpus = self.grid.corpus(p.corpus)
         out = open(run / "scale.log", "a", encoding="utf-8")
         cmd = ["bash", str(REPO / "benchmarks" / "quality.sh"), corpus.name, "--runs-only"]
-        proc = subprocess.Popen(cmd, env=point_env(self.grid, self.layout, p, self.threads), stdout=out,
+        proc = subprocess.Popen(cmd, env=point_env(self.grid, self.layout, p, self.threads, self.jobs), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         self.running[proc] = p
