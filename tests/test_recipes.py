@@ -173,10 +173,16 @@ def wmt_en_de(tmp_path_factory):
     return _prepare_wmt(tmp_path_factory.mktemp("wmt_en_de"), "en-de")
 
 
-@pytest.mark.parametrize("pair,n_corpora", [("en-de", 3), ("en-fr", 5)])
-def test_wmt14_prepares_offline_from_cached_archives(pair, n_corpora, tmp_path, request):
+def test_wmt14_en_de_prepares_offline_from_cached_archives(wmt_en_de):
+    _check_wmt(*wmt_en_de, "en-de", 3)
+
+
+def test_wmt14_en_fr_prepares_offline_from_cached_archives(tmp_path):
+    _check_wmt(*_prepare_wmt(tmp_path, "en-fr"), "en-fr", 5)
+
+
+def _check_wmt(root, proc, pair, n_corpora):
     tgt = pair.split("-")[1]
-    root, proc = request.getfixturevalue("wmt_en_de") if pair == "en-de" else _prepare_wmt(tmp_path, pair)
     assert proc.stderr.count("normalising and tokenising") == 2 * n_corpora
     dest, work = root / "bin", root / "work"
     assert f"target={tgt}" in (dest / "PREPARED").read_text()
@@ -295,8 +301,14 @@ def test_quickstart_end_to_end_small(tmp_path):
     and prints BLEU and examples."""
     proc = bash("quickstart.sh", MULTI30K_DIR=SHARED / "multi30k", TRAIN_LINES=3000, BPE_TOKENS=1000,
                 MAX_UPDATE=40, NUM_AVG=1, WORK=tmp_path / "work", DEST=tmp_path / "data-bin",
-                SAVE_DIR=tmp_path / "ckpt", MAX_TOKENS=2048, OFFLINE=1, GEN_ARGS=SHORT, timeout=1200)
+                SAVE_DIR=tmp_path / "ckpt", MAX_TOKENS=2048, OFFLINE=1, GEN_ARGS=SHORT,
+                RESULTS_JSON=tmp_path / "results" / "quickstart.json", timeout=1200)
     assert "BLEU on Multi30k test_2016_flickr" in proc.stdout
     assert "Example translations" in proc.stdout
     result = json.loads((tmp_path / "ckpt" / "eval" / "test.json").read_text())
     assert result["sentences"] == 1000
+    # the summary behind the README's quickstart sentence (scripts/results_tables.py)
+    summary = json.loads((tmp_path / "results" / "quickstart.json").read_text())
+    assert summary["updates"] == 40 and summary["sacrebleu"] == result["sacrebleu"]
+    assert summary["sacrebleu_signature"] == result["sacrebleu_signature"]
+    assert 0 < summary["train_minutes"] <= summary["total_minutes"] and summary["cpus"] >= 1
