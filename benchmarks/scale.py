@@ -181,13 +181,13 @@ def default_grid() -> Grid:
     sizes = [
         # today's converged CPU model (results/multi30k10k.json), the same recipe
         Size("d64", dim=64, layers=2, ffn=256, heads=4, lr=2e-3, warmup=200, dropout=0.2,
-             max_epoch={"multi30k": 120, "tatoeba": 40}),
+             max_epoch={"multi30k": 40, "tatoeba": 12}),
         # the quickstart's model
         Size("d128", dim=128, layers=3, ffn=512, heads=4, lr=1.5e-3, warmup=400, dropout=0.2,
-             max_epoch={"multi30k": 80, "tatoeba": 20}),
+             max_epoch={"multi30k": 30, "tatoeba": 10}),
         # transformer-base proportions at d=256 (FFN 4d, 4 heads of 64)
         Size("d256", dim=256, layers=3, ffn=1024, heads=4, lr=1e-3, warmup=500, dropout=0.3,
-             max_epoch={"multi30k": 40, "tatoeba": 8}),
+             max_epoch={"multi30k": 20, "tatoeba": 8}),
     ]
     corpora = [
         Corpus("multi30k", "data-bin/multi30k.de-en", ["prepare-multi30k.sh"]),
@@ -202,9 +202,18 @@ def default_grid() -> Grid:
     return Grid(corpora, sizes, list(ARMS), blocks, estimates=ESTIMATES)
 
 
-# seconds per epoch (training + validation, one thread, two runs side by side) and
-# expected epochs, per corpus and size: docs/scale.md has the measurements behind them
-ESTIMATES: Dict[str, Dict[str, float]] = {}
+# seconds per epoch (training + validation, one thread, two runs side by side), expected
+# epochs (the cap, or fewer where early stopping is expected first) and seconds to
+# average and decode the test set, per corpus and size: docs/scale.md has the
+# measurements behind them
+ESTIMATES: Dict[str, Dict[str, float]] = {
+    "multi30k/d64": {"epoch_s": 110, "epochs": 40, "eval_s": 120},
+    "tatoeba/d64": {"epoch_s": 418, "epochs": 12, "eval_s": 360},
+    "multi30k/d128": {"epoch_s": 188, "epochs": 25, "eval_s": 150},
+    "tatoeba/d128": {"epoch_s": 690, "epochs": 10, "eval_s": 500},
+    "multi30k/d256": {"epoch_s": 382, "epochs": 18, "eval_s": 300},
+    "tatoeba/d256": {"epoch_s": 1394, "epochs": 8, "eval_s": 900},
+}
 
 
 def load_grid(path: Optional[Path]) -> Grid:
@@ -622,8 +631,14 @@ def main(argv=None) -> int:
 
     scale_report.write_report(grid, layout, args.json, args.png, args.paired_bs_n)
     if args.command == "run" and args.commit and runner.finished:
-        git_commit([args.json, args.png], f"results/scale.json, scale.png: the report after {len(runner.finished)} "
-                                          "more run(s) of the scale grid")
+        # the README's and docs' tables of results/scale.json go with it (tests/test_results_tables.py)
+        sys.path.insert(0, str(REPO / "scripts"))
+        import results_tables
+
+        tables = results_tables.update(results_tables.default_files()) \
+            if args.json.resolve() == (REPO / "results" / "scale.json").resolve() else []
+        git_commit([args.json, args.png, *tables], f"results/scale.json, scale.png: the report after "
+                                                   f"{len(runner.finished)} more run(s) of the scale grid")
     return 1 if args.command == "run" and runner.failed else 0
 
 

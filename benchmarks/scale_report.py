@@ -264,7 +264,7 @@ def plot(report: Dict, path: Path) -> None:
     n_sizes = max((len(c["sizes"]) for c in corpora), default=1)
     widest = max(2 * len(corpora), n_sizes)
     ncols = math.lcm(*range(1, widest + 1))  # any row of k <= widest panels splits it evenly
-    fig = plt.figure(figsize=(4.6 * widest, 4.2 * (2 + len(corpora))))
+    fig = plt.figure(figsize=(4.6 * widest, 4.2 * (2 + len(corpora))), layout="constrained")
     gs = fig.add_gridspec(2 + len(corpora), ncols)
 
     def over(row: int, i: int, k: int):
@@ -305,8 +305,8 @@ def plot(report: Dict, path: Path) -> None:
                                 label=arm)
             for s in c["sizes"]:
                 if s["missing"]:
-                    missing_labels.append(f"{s['size']}: {len(s['missing'])} of "
-                                          f"{sum(len(a['seeds_planned']) for a in s['arms'].values())} runs missing")
+                    missing_labels.append(f"{s['size']} {len(s['missing'])}/"
+                                          f"{sum(len(a['seeds_planned']) for a in s['arms'].values())}")
             for gi, ((a, b), (color, marker)) in enumerate(GAIN_STYLE.items()):
                 xs, ys, lo, hi = [], [], [], []
                 for s in c["sizes"]:
@@ -333,15 +333,15 @@ def plot(report: Dict, path: Path) -> None:
                     axis.set_xlim(min(ticks) / 1.35, max(ticks) * 1.35)
                 axis.set_xlabel("parameters (log scale)", fontsize=9)
             ax.set_ylabel(f"{label} (test)")
-            ax.set_title(f"{c['corpus']}: {label}, mean of seeds (bar: min-max)", fontsize=10)
+            ax.set_title(f"{c['corpus']} {label} (mean; bar: seed min-max)", fontsize=10)
             gx.set_ylabel(f"{label} gain (system - baseline)")
-            gx.set_title(f"{c['corpus']}: {label} gain, seeds pooled (bar: 95% CI)", fontsize=10)
+            gx.set_title(f"{c['corpus']} {label} gain (pooled; bar: 95% CI)", fontsize=10)
             for axis in (ax, gx):
                 if axis.get_legend_handles_labels()[0]:
                     axis.legend(fontsize=8)
-            note = "; ".join(missing_labels) or "every run done"
+            note = ("runs missing: " + ", ".join(missing_labels)) if missing_labels else "every run done"
             if not ax.has_data():
-                note = "no run finished yet; " + note
+                note = "no run finished yet\n" + note
             ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
     # rows 3+: valid loss per corpus (row) and size (column)
     for ci, c in enumerate(corpora):
@@ -366,14 +366,13 @@ def plot(report: Dict, path: Path) -> None:
                 ax.legend(fontsize=8)
             else:
                 ax.text(0.5, 0.5, "no run finished yet", transform=ax.transAxes, ha="center", color="dimgray")
-            ax.set_title(f"{c['corpus']} {s['size']} ({s['dim']}d, {s['layers']}+{s['layers']} layers): valid loss, "
-                         "one line per run", fontsize=10)
+            ax.set_title(f"{c['corpus']} {s['size']} ({s['layers']}+{s['layers']} layers): valid loss per run",
+                         fontsize=10)
             ax.set_xlabel("updates")
             ax.set_ylabel("valid loss (label-smoothed CE, base 2)")
             ax.grid(alpha=0.3)
     prog = report["progress"]
     fig.suptitle(f"{report['title']}\n{prog['runs_done']} of {prog['runs_planned']} runs done", fontsize=13)
-    fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(tmp, dpi=90)
