@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the project's tests (CPU only): installs first if needed, then pytest.
 #
-#   bash scripts/test.sh [pytest arguments]
+#   bash scripts/test.sh [pytest arguments]     (e.g. -k hydra, -x, -n 0)
 #
 # Variables: EA_SHARED_DATA (real corpora used by the recipe tests, default
 # ../shared/data beside the repository) and those of scripts/install.sh.
@@ -14,5 +14,12 @@ bash "$EA_REPO/scripts/install.sh"
 ea_activate_env
 export EA_SHARED_DATA=${EA_SHARED_DATA:-$(cd "$EA_REPO/.." && pwd)/shared/data}
 cd "$EA_REPO"
-log "running the tests ($PYTHON -m pytest)"
-exec "$PYTHON" -m pytest tests "$@"
+# A worker per core (pytest-xdist): the tests that share a module's trained model or
+# prepared corpus run on one worker (tests/conftest.py groups them); `-n 0` runs
+# everything in this process.
+parallel=(-n auto --dist loadgroup)
+for a in "$@"; do
+  case $a in -n | -n* | --numprocesses* | --dist* | no:xdist) parallel=() ;; esac
+done
+log "running the tests ($PYTHON -m pytest ${parallel[*]})"
+exec "$PYTHON" -m pytest tests "${parallel[@]}" "$@"
