@@ -35,3 +35,31 @@ def test_a_changed_results_file_makes_its_table_stale(tmp_path, monkeypatch):
     data["settings"][1]["sacrebleu"]["mean"] = 99.0
     (tmp_path / "results" / "m.json").write_text(json.dumps(data))
     assert results_tables.main(["--check", str(doc)]) == 1
+
+
+def test_scale_table_has_a_row_per_size_and_says_what_each_gain_means():
+    sys.path.insert(0, f"{REPO}/scripts")
+    import results_tables
+
+    def arm(mean, done, planned):
+        return {"sacrebleu": {"mean": mean, "std": 0.5 if done > 1 else None}, "seeds_done": list(range(done)),
+                "seeds_planned": list(range(planned))}
+
+    gain = {"delta": 1.25, "ci95": [0.5, 2.0], "verdict": "ahead, beyond the seed spread"}
+    data = {"progress": {"runs_done": 5, "runs_planned": 8}, "sacrebleu_signature": "nrefs:1|case:mixed",
+            "corpora": [{"corpus": "c1", "sizes": [
+                {"size": "s1", "layers": 2, "params": 616448,
+                 "arms": {"vanilla": arm(30.0, 2, 2), "ea": arm(31.25, 2, 2), "residual": arm(30.5, 1, 2)},
+                 "comparisons": [{"system": "ea", "baseline": "vanilla", "gain_bleu": gain},
+                                 {"system": "ea", "baseline": "residual", "status": "missing"}]},
+                {"size": "s2", "layers": 3, "params": 7.06e6, "arms": {"vanilla": arm(None, 0, 2)},
+                 "comparisons": []}]}]}
+    text = results_tables.scale(data)
+    lines = text.splitlines()
+    assert lines[0] == "| corpus | size | params | vanilla | ea | residual | Δ EA vs vanilla | Δ EA vs residual |"
+    assert lines[2] == ("| c1 | s1 (2+2) | 0.62M | 30.00 ± 0.50 (2/2) | 31.25 ± 0.50 (2/2) | 30.50 (1/2) "
+                        "| +1.25 [+0.50, +2.00] |  |")
+    assert lines[3] == "| c1 | s2 (3+3) | 7.06M | - (0/2) |  |  |  |  |"
+    assert "5 of 8 runs done" in text and "`nrefs:1|case:mixed`" in text
+    assert "- c1 s1, EA vs vanilla: +1.25 BLEU, ahead, beyond the seed spread." in text
+    assert "residual-only" not in text  # no gain against residual yet: no sentence about it
