@@ -84,7 +84,7 @@ def cost(data: Dict) -> str:
 def quickstart(data: Dict) -> str:
     return (f"sacreBLEU **{data['sacrebleu']:.1f}** on Multi30k test_2016_flickr after {data['updates']} updates "
             f"({data['train_minutes']:.1f} minutes of training, {data['total_minutes']:.1f} in all, on "
-            f"{data['cpus']} CPU cores; `{data['sacrebleu_signature']}`)\n")
+            f"{data['cpus']} CPU core{'s' if data['cpus'] > 1 else ''}; `{data['sacrebleu_signature']}`)\n")
 
 
 def scale(data: Dict) -> str:
