@@ -19,7 +19,7 @@ CONFIGS = {
     "all-stacks-EA": EA_ALL,
     "k5-gelu": EA_ALL + ["--ea-kernel-size", "5", "--ea-activation", "gelu"],
     "k1": EA_ALL + ["--ea-kernel-size", "1"],
-    # the default (linear) activation: decoding steps take the folded matmul path
+    # the default (linear) activation with trained-looking (kaiming) taps
     "linear-kaiming": ["--ea-cross-attn", "--ea-conv-init", "kaiming", "--ea-alpha", "0.7", "--ea-beta", "0.4"],
     "default-init": ["--ea-cross-attn"],
 }

@@ -111,12 +111,10 @@ def test_stack_matches_the_formulas(causal, kernel, impl):
 @pytest.mark.parametrize("activation", ["linear", "relu"])
 @pytest.mark.parametrize("kernel", [3, 5])
 @pytest.mark.parametrize("grows", [True, False], ids=["self", "cross"])
-@pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "conv2d"])
-def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, kernel, grows, matmul):
+def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, kernel, grows):
     """One new row at a time, with the rows it hands on from step to step (keys growing by
     one per step as in self-attention, or fixed as in cross-attention), EAConv gives the
-    rows of act(causal conv(M)) over the whole map, written out with loops: by its matrix
-    product (``step_matmul``, the fused path) and by F.conv2d (``step``, eager)."""
+    rows of act(causal conv(M)) over the whole map, written out with loops."""
     from ea_fairseq.modules.evolving_attention import EA_ACTIVATIONS, EAConv
 
     torch.manual_seed(0)
@@ -143,6 +141,6 @@ def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, ker
         for i in range(T):
             width = i + 1 if grows else T
             new = m[:, :, i: i + 1, :width]
-            got, rows = conv.step_matmul(new, rows) if matmul else conv.step(new, rows)
+            got, rows = conv.step(new, rows)
             assert got.shape == (B, H, 1, width) and rows.shape == (H, kernel - 1, B, width)
             torch.testing.assert_close(got, want[:, :, i: i + 1, :width], rtol=0, atol=1e-12)

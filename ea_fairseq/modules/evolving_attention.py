@@ -23,8 +23,10 @@ Two implementations of these equations, chosen by ``EASpec.impl`` (``--ea-attn-i
 * ``fused``, the default: the same maths with less memory. Layer 1 of a stack attends with
   ``F.scaled_dot_product_attention`` and hands on S_1; later layers run
   ``_EvolvingAttention``, whose backward is written out, so that it keeps for backward two
-  maps per layer: the conv's input and P_l (A_l in half precision). A decoding step's conv
-  row is one matrix product (``EAConv.step_matmul``).
+  maps per layer: the conv's input and P_l (A_l in half precision).
+
+Both decode with the same step (``EAConv.step``: the new rows' conv over a window of the
+k-1 rows above them, kept in the incremental state).
 
 The map handed to the next layer (A_l) is exact at unmasked cells and finite elsewhere:
 the next layer zeroes the masked cells of its M. Outputs at padded query rows are not
@@ -123,26 +125,6 @@ class EAConv(nn.Module):
             x = F.pad(torch.cat([above, m], 2), (r, r))
         c = self.act(F.conv2d(x, self.conv.weight.to(m.dtype), self.conv.bias.to(m.dtype)))
         return c, x[:, :, x.size(2) - (k - 1):, r: r + src_len].permute(1, 2, 0, 3)
-
-    def step_matmul(self, m: Tensor, rows: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """``step`` for one new row (m: (B, H, 1, Tk)) as one matrix product: the taps, rows
-        (kx, H_out) and columns (H_in, ky), times the window of the last k rows, rows (H_in,
-        ky) and columns (B, keys); then, for each kx, the product shifted by kx along keys
-        is added. Unlike F.conv2d it needs no new conv primitive for every key length, and
-        the window is laid out as the rows are kept, so that they go on as a view of it."""
-        bsz, heads, _, src_len = m.shape
-        k, r = self.kernel_size, self.kernel_size // 2
-        width = src_len + 2 * r
-        window = m.new_zeros(heads, k, bsz, width)  # (H_in, ky, B, keys with their padding)
-        if rows is not None:
-            window[:, : k - 1, :, r: r + rows.size(3)] = rows
-        window[:, k - 1, :, r: r + src_len] = m[:, :, 0].transpose(0, 1)
-        taps = self.conv.weight.to(m.dtype).permute(3, 0, 1, 2).reshape(k * heads, heads * k)
-        z = (taps @ window.view(heads * k, bsz * width)).view(k, heads, bsz, width)
-        c = z[0, :, :, :src_len] + self.conv.bias.to(m.dtype).view(heads, 1, 1)  # (H_out, B, Tk)
-        for dx in range(1, k):
-            c = c + z[dx, :, :, dx: dx + src_len]
-        return self.act(c.transpose(0, 1).unsqueeze(2)), window[:, 1:, :, r: r + src_len]
 
 
 class EAMasks(NamedTuple):
@@ -455,8 +437,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         if incremental_state is None or not conv.causal or conv.kernel_size == 1:
             return torch.lerp(m, conv(m), self.ea.alpha)
         state = self.get_incremental_state(incremental_state, "ea_state")
-        step = conv.step_matmul if self.ea.impl == "fused" and m.size(2) == 1 else conv.step
-        c, rows = step(m, None if state is None else state["rows"])
+        c, rows = conv.step(m, None if state is None else state["rows"])
         self.set_incremental_state(incremental_state, "ea_state", {"rows": rows})
         return torch.lerp(m, c, self.ea.alpha)
 
