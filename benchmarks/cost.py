@@ -21,18 +21,17 @@ machine's drift.
 On a CPU the script runs with glibc's heap kept for reuse (``--heap keep``, the default:
 it restarts itself with GLIBC_TUNABLES set). Otherwise every tensor above glibc's mmap
 threshold is fresh memory from the kernel, and the page faults of one update (100,000 to
-400,000 on the 2-core VM of results/cost_cpu.json, 0.3 to 1.1 s of system time in an
-8 s update) vary more from repeat to repeat than EA costs. On a GPU, PyTorch's caching
+400,000 on the project's 2-core VM, 0.3 to 1.1 s of system time in an 8 s update) vary more from repeat to repeat than EA costs. On a GPU, PyTorch's caching
 allocator does the same reuse.
 
 Variants ``ea:eager`` / ``ea+cross:eager`` are the same models on the eager reference path
 (``--ea-attn-impl eager``: every intermediate map kept for backward, explicit attention in
-layer 1, F.conv2d in decoding steps), measured in the same run as the fused default.
+layer 1), measured in the same run as the fused default.
 
     python benchmarks/cost.py                                     # CPU, lengths 1x and 4x
     python benchmarks/cost.py --lengths 1,2,4,8 --plot cost.png   # ratios against length
     python benchmarks/cost.py --device cuda --precision fp16      # on a GPU
-    python benchmarks/cost.py --report results/cost_cpu.json      # table of an earlier --json run
+    python benchmarks/cost.py --report results/cost_cpu_fairseq.json   # table of an earlier --json run
 """
 
 import argparse
