@@ -57,6 +57,14 @@ def quality(data: Dict) -> str:
                   "updates to best"], rows) + note
 
 
+def _timed(r: Dict, what: str) -> str:
+    """A time ratio with its IQR; '-' where the run measured memory only (--repeats 0)."""
+    ratio, iqr = r.get(f"{what}_ratio"), r.get(f"{what}_ratio_iqr")
+    if ratio is None or ratio != ratio:  # None or NaN
+        return "-"
+    return f"{ratio:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
+
+
 def cost(data: Dict) -> str:
     by_variant: Dict[str, Dict[int, Dict]] = {}
     factors = [b["factor"] for b in data["lengths"]]
@@ -73,9 +81,7 @@ def cost(data: Dict) -> str:
         row = [variant]
         for f in factors:
             r = per[f]
-            row += [f"{r['saved_ratio']:.3f}",
-                    f"{r['update_ratio']:.2f} ({r['update_ratio_iqr'][0]:.2f}-{r['update_ratio_iqr'][1]:.2f})",
-                    f"{r['decode_ratio']:.2f} ({r['decode_ratio_iqr'][0]:.2f}-{r['decode_ratio_iqr'][1]:.2f})"]
+            row += [f"{r['saved_ratio']:.3f}", _timed(r, "update"), _timed(r, "decode")]
         rows.append(row)
     batches = "; ".join(f"{b['factor']}x: {b['batch']}" for b in data["lengths"])
     return _rows(header, rows) + f"\nx vanilla fairseq, median of per-repeat ratios; {data['header']}. Batches: {batches}.\n"
