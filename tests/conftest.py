@@ -59,50 +59,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = "1"
 
-# The tests that take longest (seconds of one thread, from `--durations`), started first so
-# that no worker is left with one of them at the end.
-SLOW_FIRST = ("test_recipes.py::iwslt", "test_quality.py::toy", "test_recipes.py::wmt_en_de",
-              "test_recipes.py::test_wmt14_en_fr",
-              "test_recipes.py::test_quickstart", "test_cli.py", "test_quality.py::test_cpu_preset",
-              "test_scale.py", "test_from_vanilla.py", "test_plot.py")
+# The modules that take longest (seconds of one thread, from `--durations`), started first
+# so that no worker is left with one of them at the end. scripts/test.sh runs pytest-xdist
+# with `--dist loadfile --no-loadscope-reorder`: a module's tests run on one worker (so a
+# module-scoped fixture, a trained model or a prepared corpus, is built once), modules in
+# the order of the collection, which this puts the slow ones first in.
+SLOW_FIRST = ("test_recipes.py", "test_quality.py", "test_cli.py", "test_scale.py", "test_from_vanilla.py",
+              "test_plot.py", "test_recipe_inputs.py", "test_prepare_wmt_small.py", "test_tatoeba_recipe.py",
+              "test_generation_options.py", "test_bad_input_sweep.py")
 
 
-def _share_module_fixtures(items) -> None:
-    """Mark tests for ``--dist loadgroup``: the tests of a module that share a module-scoped
-    fixture (a trained model, a prepared corpus) form one group, which runs on one worker, so
-    the fixture is built once; tests that share none are spread one by one."""
-    parent = {}
-
-    def find(x):
-        while parent.setdefault(x, x) != x:
-            x = parent[x]
-        return x
-
-    shared = {}
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        names = [f"{item.module.__name__}.py::{name}" for name, fdefs in (defs.name2fixturedefs.items() if defs else ())
-                 if fdefs and fdefs[-1].scope == "module"]
-        for name in names[1:]:
-            parent[find(name)] = find(names[0])
-        shared[item] = names
-    for item, names in shared.items():
-        if names:
-            item.add_marker(pytest.mark.xdist_group(find(names[0])))
-
+def _slow_modules_first(items) -> None:
     def rank(item):
-        key = (shared[item] and find(shared[item][0])) or item.nodeid.split("/")[-1]
-        return next((i for i, slow in enumerate(SLOW_FIRST) if key.startswith(slow)), len(SLOW_FIRST))
+        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
 
-    items.sort(key=rank)  # stable: collection order otherwise
+    items.sort(key=rank)  # stable: collection order within a module and among the rest
 
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``shared_data("multi30k", ...)`` read the real corpora under SHARED
     (../shared/data, or EA_SHARED_DATA). Where a folder is missing they are skipped, except
     under CI=true: there the run stops at once, naming the folder, so that CI cannot go
-    green by skipping them. Then the tests are grouped and ordered for pytest-xdist."""
-    _share_module_fixtures(items)
+    green by skipping them. The slow modules go first (for pytest-xdist)."""
+    _slow_modules_first(items)
     missing = {}
     for item in items:
         for mark in item.iter_markers("shared_data"):

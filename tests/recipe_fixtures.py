@@ -90,10 +90,11 @@ def _read(path: Path) -> List[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def make_wmt_cache(cache: Path, pair: str) -> Path:
+def make_wmt_cache(cache: Path, pair: str, train_lines: int = 3000) -> Path:
     """The archives of scripts/prepare-wmt14.sh, with their real member names, in a
-    download cache: training corpora from the small WMT files (detokenised),
-    newstest2013 from their newstest2012 dev set, newstest2014 from the real SGML."""
+    download cache: training corpora from the first ``train_lines`` lines of the small
+    WMT files (detokenised, shared out among the pair's corpora), newstest2013 from their
+    newstest2012 dev set, newstest2014 from the real SGML."""
     cache.mkdir(parents=True, exist_ok=True)
     tgt = pair.split("-")[1]
     if pair == "en-de":
@@ -116,7 +117,7 @@ def make_wmt_cache(cache: Path, pair: str) -> Path:
                    ("training-giga-fren.tar", "giga-fren.release2.fixed")]
         sgm = ("newstest2014-fren-src.en.sgm", "newstest2014-fren-ref.fr.sgm",
                "newstest2014-fren-src.fr.sgm", "newstest2014-fren-ref.en.sgm")
-    en, xx = _detok(en, "en"), _detok(xx, tgt)
+    en, xx = _detok(en[:train_lines], "en"), _detok(xx[:train_lines], tgt)
     per = len(en) // len(corpora)
     for k, (archive, member) in enumerate(corpora):
         part_en, part_xx = en[k * per:(k + 1) * per], xx[k * per:(k + 1) * per]

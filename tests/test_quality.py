@@ -217,10 +217,10 @@ def test_name_names_the_results_and_is_checked(tmp_path):
 def test_cpu_preset_prepares_its_subset_and_trains_the_small_model(tmp_path):
     """`quality.sh europarl8k` (a preset behind results/) prepares the first 8,000 Europarl
     lines with a 2k BPE and trains the small model with the epoch cap, as recorded in its
-    results: here cut to its first epoch (72 batches of 4096 tokens) and short hypotheses."""
+    results: here cut to 3 updates and short hypotheses."""
     env = {**os.environ, "DATA_BIN": str(tmp_path / "data-bin"), "WORK": str(tmp_path / "work"),
            "RUNS_DIR": str(tmp_path / "runs"), "OUT": str(tmp_path / "results"), "SEEDS": "1", "ONLY": "vanilla",
-           "MAX_UPDATE": "72", "NUM_AVG": "1", "GEN_ARGS": "--max-len-a 0 --max-len-b 3", "WORKERS": "1",
+           "MAX_UPDATE": "3", "NUM_AVG": "1", "GEN_ARGS": "--max-len-a 0 --max-len-b 3", "WORKERS": "1",
            "OMP_NUM_THREADS": "1"}
     env.pop("MODEL_ARGS", None)
     env.pop("MAX_EPOCH", None)
