@@ -142,5 +142,5 @@ def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, ker
             width = i + 1 if grows else T
             new = m[:, :, i: i + 1, :width]
             got, rows = conv.step(new, rows)
-            assert got.shape == (B, H, 1, width) and rows.shape == (H, kernel - 1, B, width)
+            assert got.shape == (B, H, 1, width) and rows.shape == (B, H, kernel - 1, width)
             torch.testing.assert_close(got, want[:, :, i: i + 1, :width], rtol=0, atol=1e-12)

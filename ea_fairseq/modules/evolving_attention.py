@@ -114,17 +114,16 @@ class EAConv(nn.Module):
 
     def step(self, m: Tensor, rows: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Decoding (causal conv): act(conv(M)) for the new rows m (B, H, Tq, Tk) of M, given
-        ``rows`` (H, k-1, B, Tk'), the k-1 rows of M above them as the last step handed them
+        ``rows`` (B, H, k-1, Tk'), the k-1 rows of M above them as the last step handed them
         on (None before the first step; Tk' <= Tk: keys that came later are zero in them).
-        Returns that (B, H, Tq, Tk) and the last k-1 rows for the next step (H, k-1, B, Tk)."""
-        k, r, src_len = self.kernel_size, self.kernel_size // 2, m.size(3)
+        Returns that (B, H, Tq, Tk) and the last k-1 rows for the next step (B, H, k-1, Tk)."""
+        k, r = self.kernel_size, self.kernel_size // 2
         if rows is None:
-            x = self.pad(m)
+            x = F.pad(m, (0, 0, k - 1, 0))
         else:
-            above = F.pad(rows.permute(2, 0, 1, 3), (0, src_len - rows.size(3)))  # (B, H, k-1, Tk)
-            x = F.pad(torch.cat([above, m], 2), (r, r))
-        c = self.act(F.conv2d(x, self.conv.weight.to(m.dtype), self.conv.bias.to(m.dtype)))
-        return c, x[:, :, x.size(2) - (k - 1):, r: r + src_len].permute(1, 2, 0, 3)
+            x = torch.cat([F.pad(rows, (0, m.size(3) - rows.size(3))), m], 2)
+        c = self.act(F.conv2d(x, self.conv.weight.to(m.dtype), self.conv.bias.to(m.dtype), padding=(0, r)))
+        return c, x[:, :, x.size(2) - (k - 1):]
 
 
 class EAMasks(NamedTuple):
@@ -294,7 +293,7 @@ class EvolvingMultiheadAttention(MultiheadAttention):
     fairseq's incremental state as fairseq keeps them (and reordered by fairseq's code,
     including its ``set_beam_size`` shortcut that keeps cross-attention keys once per
     sentence); a causal conv keeps the last k-1 rows of M per hypothesis under "ea_state",
-    laid out (H, k-1, B, Tk) as a decoding step's window takes them.
+    (B, H, k-1, Tk).
     Rewrites the attention of fairseq/modules/multihead_attention.py (0.12.2,
     ``MultiheadAttention.forward``) and reuses its projections and state helpers.
     """
@@ -461,5 +460,5 @@ class EvolvingMultiheadAttention(MultiheadAttention):
         incremental_state = super().reorder_incremental_state(incremental_state, new_order)
         state = self.get_incremental_state(incremental_state, "ea_state")
         if state is not None:
-            self.set_incremental_state(incremental_state, "ea_state", {"rows": state["rows"].index_select(2, new_order)})
+            self.set_incremental_state(incremental_state, "ea_state", {"rows": state["rows"].index_select(0, new_order)})
         return incremental_state
