@@ -90,11 +90,11 @@ def _read(path: Path) -> List[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def make_wmt_cache(cache: Path, pair: str, train_lines: int = 3000) -> Path:
+def make_wmt_cache(cache: Path, pair: str, train_lines: int = 3000, dev_lines: int = 500) -> Path:
     """The archives of scripts/prepare-wmt14.sh, with their real member names, in a
     download cache: training corpora from the first ``train_lines`` lines of the small
-    WMT files (detokenised, shared out among the pair's corpora), newstest2013 from their
-    newstest2012 dev set, newstest2014 from the real SGML."""
+    WMT files (detokenised, shared out among the pair's corpora), newstest2013 from the
+    first ``dev_lines`` of their newstest2012 dev set, newstest2014 from the real SGML."""
     cache.mkdir(parents=True, exist_ok=True)
     tgt = pair.split("-")[1]
     if pair == "en-de":
@@ -129,8 +129,8 @@ def make_wmt_cache(cache: Path, pair: str, train_lines: int = 3000) -> Path:
                 else:
                     _add(tar, f"{member}.{lang}", _text(lines))
     with tarfile.open(cache / "dev.tgz", "w:gz") as tar:
-        _add(tar, "dev/newstest2013.en", _text(_detok(dev_en, "en")))
-        _add(tar, f"dev/newstest2013.{tgt}", _text(_detok(dev_xx, tgt)))
+        _add(tar, "dev/newstest2013.en", _text(_detok(dev_en[:dev_lines], "en")))
+        _add(tar, f"dev/newstest2013.{tgt}", _text(_detok(dev_xx[:dev_lines], tgt)))
     with tarfile.open(cache / "test-full.tgz", "w:gz") as tar:
         for name in sgm:
             _add(tar, f"test-full/{name}", (SHARED / "wmt14" / "newstest2014_sgm" / name).read_bytes())
