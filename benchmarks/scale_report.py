@@ -343,6 +343,9 @@ def plot(report: Dict, path: Path) -> None:
             if not ax.has_data():
                 note = "no run finished yet\n" + note
             ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
+            if not gx.get_legend_handles_labels()[0]:
+                gx.text(0.5, 0.5, "no seed finished in both arms of a comparison yet", transform=gx.transAxes,
+                        ha="center", color="dimgray", fontsize=8)
     # rows 3+: valid loss per corpus (row) and size (column)
     for ci, c in enumerate(corpora):
         for si, s in enumerate(c["sizes"]):
