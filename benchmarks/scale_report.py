@@ -342,6 +342,8 @@ def plot(report: Dict, path: Path) -> None:
             note = ("runs missing: " + ", ".join(missing_labels)) if missing_labels else "every run done"
             if not ax.has_data():
                 note = "no run finished yet\n" + note
+            else:
+                ax.margins(y=0.25)  # room for the note below the lowest point
             ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
             if not gx.get_legend_handles_labels()[0]:
                 gx.text(0.5, 0.5, "no seed finished in both arms of a comparison yet", transform=gx.transAxes,
