@@ -64,9 +64,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # with `--dist loadfile --no-loadscope-reorder`: a module's tests run on one worker (so a
 # module-scoped fixture, a trained model or a prepared corpus, is built once), modules in
 # the order of the collection, which this puts the slow ones first in.
-SLOW_FIRST = ("test_recipes.py", "test_quality.py", "test_recipes_wmt.py", "test_cli.py", "test_scale.py", "test_from_vanilla.py",
-              "test_plot.py", "test_recipe_inputs.py", "test_prepare_wmt_small.py", "test_tatoeba_recipe.py",
-              "test_generation_options.py", "test_bad_input_sweep.py")
+SLOW_FIRST = ("test_recipes.py", "test_quality.py", "test_recipes_wmt.py", "test_cli.py", "test_scale.py",
+              "test_from_vanilla.py", "test_plot.py", "test_recipe_inputs.py", "test_prepare_wmt_small.py",
+              "test_tatoeba_recipe.py", "test_generation_options.py", "test_bad_input_sweep.py")
 
 
 def _slow_modules_first(items) -> None:
