@@ -112,9 +112,9 @@ def test_stack_matches_the_formulas(causal, kernel, impl):
 @pytest.mark.parametrize("kernel", [3, 5])
 @pytest.mark.parametrize("grows", [True, False], ids=["self", "cross"])
 def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, kernel, grows):
-    """One new row at a time, with the rows it hands on from step to step (keys growing by
-    one per step as in self-attention, or fixed as in cross-attention), EAConv gives the
-    rows of act(causal conv(M)) over the whole map, written out with loops."""
+    """One new row at a time (then two or three), with the rows it hands on from step to
+    step (keys growing with the rows as in self-attention, or fixed as in cross-attention),
+    EAConv gives the rows of act(causal conv(M)) over the whole map, written out with loops."""
     from ea_fairseq.modules.evolving_attention import EA_ACTIVATIONS, EAConv
 
     torch.manual_seed(0)
@@ -144,3 +144,9 @@ def test_decoding_step_equals_the_causal_conv_over_the_whole_map(activation, ker
             got, rows = conv.step(new, rows)
             assert got.shape == (B, H, 1, width) and rows.shape == (B, H, kernel - 1, width)
             torch.testing.assert_close(got, want[:, :, i: i + 1, :width], rtol=0, atol=1e-12)
+        rows, start = None, 0
+        for chunk in (2, 3, 2):  # several new rows in one step
+            width = start + chunk if grows else T
+            got, rows = conv.step(m[:, :, start: start + chunk, :width], rows)
+            torch.testing.assert_close(got, want[:, :, start: start + chunk, :width], rtol=0, atol=1e-12)
+            start += chunk
