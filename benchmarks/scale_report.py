@@ -246,6 +246,7 @@ def build(grid: "scale.Grid", layout: "scale.Layout", n: int) -> Dict:
 # ------------------------------------------------------------------------ picture
 
 ARM_STYLE = {"vanilla": ("C7", "o"), "ea": ("C0", "s"), "residual": ("C2", "^"), "ea-cross": ("C3", "D")}
+ARM_LINE = {"vanilla": "--", "residual": "-.", "ea-cross": ":"}  # the curves cross and overlap: told apart by dashes too
 GAIN_STYLE = {("ea", "vanilla"): ("C0", "o"), ("ea", "residual"): ("C1", "s"), ("residual", "vanilla"): ("C2", "^"),
               ("ea-cross", "vanilla"): ("C3", "D")}
 
@@ -363,7 +364,7 @@ def plot(report: Dict, path: Path) -> None:
                     if not pts:
                         continue
                     lowest = min(lowest, min(v for _, v in pts))
-                    ax.plot(*zip(*pts), color=color, linewidth=1, alpha=0.85,
+                    ax.plot(*zip(*pts), color=color, linestyle=ARM_LINE.get(arm, "-"), linewidth=1, alpha=0.85,
                             label=f"{arm} ({len(a['runs'])} seed{'s' if len(a['runs']) > 1 else ''})" if ri == 0 else None)
             if lowest < math.inf:
                 top = ax.get_ylim()[1]
