@@ -78,21 +78,36 @@ def test_whitespace_only_lines_dropped_from_training_kept_in_test(tmp_path):
 
 # ------------------------------------------------------------ interrupted binarisation
 
+def _interruptible() -> None:
+    """In the recipe's process, before exec: SIGINT delivered and at its default action,
+    as in a terminal, whatever the test process inherited (a non-interactive shell's
+    background job ignores SIGINT, and ignored signals cannot be trapped by bash)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait_for_tmp(env, dest: Path):
     """Start the Multi30k recipe with a fairseq-preprocess that writes part of its output
     and then hangs, so that the interrupt lands during binarisation however fast the
-    machine is; return once the temporary folder holds that partial output."""
+    machine is; return once the temporary folder holds that partial output.
+
+    The stand-in is a Python program, as fairseq-preprocess is: its SIGINT handler is in
+    place before it writes, so an interrupt sent as soon as the output appears ends it."""
     shim = dest.parent / "stalling-bin"
     shim.mkdir(exist_ok=True)
     (shim / "fairseq-preprocess").write_text(
-        '#!/usr/bin/env bash\n'
-        'while [[ $# -gt 0 ]]; do [[ $1 == --destdir ]] && d=$2; shift; done\n'
-        'mkdir -p "$d" && echo partial >"$d/train.src-tgt.src.bin" && exec sleep 600\n')
+        f'#!{sys.executable}\n'
+        'import os, sys, time\n'
+        'd = sys.argv[sys.argv.index("--destdir") + 1]\n'
+        'os.makedirs(d, exist_ok=True)\n'
+        'open(os.path.join(d, "train.src-tgt.src.bin"), "w").write("partial")\n'
+        'time.sleep(600)\n')
     (shim / "fairseq-preprocess").chmod(0o755)
     run_env = _env(**env)
     run_env["PATH"] = f"{shim}{os.pathsep}{run_env['PATH']}"
     proc = subprocess.Popen(["bash", str(SCRIPTS / "prepare-multi30k.sh")], env=run_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_interruptible)
     deadline = time.time() + 300
     while not list(dest.parent.glob(dest.name + ".tmp.*/*.bin")):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -108,7 +123,11 @@ def test_interrupted_binarisation_leaves_nothing_and_killed_leftovers_are_remove
     # Ctrl-C (SIGINT to the process group): the recipe removes its half-written folder
     proc = _start_and_wait_for_tmp(env, dest)
     os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=120)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the recipe did not stop on SIGINT; its stderr:\n{proc.communicate()[1][-3000:]}")
     assert proc.returncode != 0
     assert not dest.exists() and not list(tmp_path.glob("data-bin.tmp.*"))
     # SIGKILL cannot be caught: the folder stays ...
