@@ -175,6 +175,7 @@ def measure_memory(model, batch, pad, device) -> Dict[str, float]:
 
 
 # glibc keeps freed memory for reuse instead of returning it to the kernel (--heap keep)
+# the same as scripts/lib/common.sh's EA_KEEP_HEAP_TUNABLES, which train.sh sets on the CPU
 KEEP_HEAP_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
 
 

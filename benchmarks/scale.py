@@ -202,17 +202,17 @@ def default_grid() -> Grid:
     return Grid(corpora, sizes, list(ARMS), blocks, estimates=ESTIMATES)
 
 
-# seconds per epoch (training + validation, one thread, two runs side by side, 2 MiB pages), expected
-# epochs (the cap, or fewer where early stopping is expected first) and seconds to
-# average and decode the test set, per corpus and size: docs/scale.md has the
-# measurements behind them
+# seconds per epoch (training + validation, one thread, two runs side by side, glibc's heap
+# kept: scripts/train.sh), expected epochs (the cap, or fewer where early stopping is
+# expected first) and seconds to average and decode the test set, per corpus and size:
+# docs/scale.md has the measurements behind them
 ESTIMATES: Dict[str, Dict[str, float]] = {
-    "multi30k/d64": {"epoch_s": 68, "epochs": 40, "eval_s": 120},
-    "tatoeba/d64": {"epoch_s": 325, "epochs": 12, "eval_s": 360},
-    "multi30k/d128": {"epoch_s": 166, "epochs": 25, "eval_s": 150},
-    "tatoeba/d128": {"epoch_s": 651, "epochs": 10, "eval_s": 500},
-    "multi30k/d256": {"epoch_s": 420, "epochs": 18, "eval_s": 300},
-    "tatoeba/d256": {"epoch_s": 1475, "epochs": 8, "eval_s": 900},
+    "multi30k/d64": {"epoch_s": 64, "epochs": 40, "eval_s": 120},
+    "tatoeba/d64": {"epoch_s": 215, "epochs": 12, "eval_s": 360},
+    "multi30k/d128": {"epoch_s": 136, "epochs": 25, "eval_s": 150},
+    "tatoeba/d128": {"epoch_s": 510, "epochs": 10, "eval_s": 500},
+    "multi30k/d256": {"epoch_s": 343, "epochs": 18, "eval_s": 300},
+    "tatoeba/d256": {"epoch_s": 1285, "epochs": 8, "eval_s": 900},
 }
 
 

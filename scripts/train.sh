@@ -22,7 +22,7 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node, through torchrun
 #   CPU=1        train on the CPU even if a GPU is there (tiny runs; automatic without GPU)
 #   EXTRA_ARGS   more fairseq-train arguments, e.g. "--ea-alpha 0.3 --ea-cross-attn"
-#   THP_MEM_ALLOC_ENABLE  on the CPU, PyTorch's 2 MiB pages for large tensors (1; 0: off)
+#   KEEP_HEAP    on the CPU, keep freed memory in glibc's heap for reuse (1; 0: off)
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -90,10 +90,11 @@ N_GPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 if [[ "${CPU:-0}" == 1 || "$N_GPU" == 0 ]]; then
   DEVICE=(--cpu)
   NPROC=${NPROC:-1}
-  # 2 MiB pages for PyTorch's large CPU tensors: without them every tensor over glibc's 32 MiB
-  # mmap threshold (the output layer's) is faulted in anew at each update (docs/performance.md)
-  export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-1}
-  log "no GPU in use: training on the CPU (fp32)"
+  if ea_keep_heap; then
+    log "no GPU in use: training on the CPU (fp32), glibc's heap kept for reuse (KEEP_HEAP=0: off)"
+  else
+    log "no GPU in use: training on the CPU (fp32)"
+  fi
 else
   NPROC=${NPROC:-$N_GPU}
   case "${PRECISION:-fp16}" in

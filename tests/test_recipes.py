@@ -208,6 +208,67 @@ def test_unknown_bpe_and_benchmark_are_refused(tmp_path):
     assert proc.returncode != 0 and "usage: prepare-wmt14.sh" in proc.stderr
 
 
+# ------------------------------------------------------------------ CPU training's heap
+
+_FAULTS = """
+import resource, torch
+import torch.nn.functional as F
+torch.set_num_threads(1)
+torch.manual_seed(0)
+w = torch.randn(64, 8000, requires_grad=True)
+x, y = torch.randn(2048, 64), torch.randint(0, 8000, (2048,))
+def step():  # an output layer's update: 2,048 tokens x 8,000 words, 65 MB a map
+    F.cross_entropy(x @ w, y).backward()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):  # the heap grows to what an update needs, then (nearly) stays
+    step()
+before = faults()
+for _ in range(6):
+    step()
+print(faults() - before)
+"""
+
+
+def _keep_heap(**env):
+    """GLIBC_TUNABLES after common.sh's ea_keep_heap, and its exit status."""
+    proc = subprocess.run(["bash", "-c", 'source "$1"; ea_keep_heap; rc=$?; echo "$rc ${GLIBC_TUNABLES:-}"', "_",
+                           str(SCRIPTS / "lib" / "common.sh")], capture_output=True, text=True, check=True,
+                          env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+    rc, _, tunables = proc.stdout.strip().partition(" ")
+    return int(rc), tunables
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's tunables (Linux)")
+def test_kept_heap_reuses_large_tensors_without_page_faults():
+    """train.sh's glibc settings (common.sh's ea_keep_heap) do what docs/performance.md
+    says: once the heap has grown to what an update needs, an output layer's updates
+    reuse freed memory, where glibc otherwise maps its tensors fresh from the kernel at
+    every update and faults them in (about 64k pages an update here)."""
+    rc, tunables = _keep_heap(GLIBC_TUNABLES=None, KEEP_HEAP=None)
+    assert rc == 0 and tunables.startswith("glibc.malloc.mmap_threshold=")
+    counts = {}
+    for name, value in (("system", None), ("kept", tunables)):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if value:
+            env["GLIBC_TUNABLES"] = value
+        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True, env=env)
+        counts[name] = int(out.stdout.split()[-1])
+    assert counts["system"] > 6 * 8000, counts  # measured: 384k in 6 updates (4 KiB pages; fewer with THP)
+    assert counts["kept"] * 10 < counts["system"], counts  # measured: 0, sometimes one more 64 MB map (16k)
+
+
+def test_keep_heap_adds_to_the_users_tunables_and_can_be_turned_off():
+    # benchmarks/cost.py's --heap keep: the same settings
+    cost_py = (Path(REPO) / "benchmarks" / "cost.py").read_text()
+    KEEP_HEAP_TUNABLES = cost_py.split('KEEP_HEAP_TUNABLES = "', 1)[1].split('"', 1)[0]
+    rc, tunables = _keep_heap(GLIBC_TUNABLES="glibc.malloc.arena_max=2", KEEP_HEAP=None)
+    assert rc == 0 and tunables == "glibc.malloc.arena_max=2:" + KEEP_HEAP_TUNABLES
+    assert _keep_heap(GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536", KEEP_HEAP=None) == (
+        1, "glibc.malloc.mmap_threshold=65536")  # the user's own threshold stays
+    assert _keep_heap(GLIBC_TUNABLES=None, KEEP_HEAP="0") == (1, "")
+
+
 # ---------------------------------------------------------------------- train + evaluate
 
 @pytest.mark.parametrize("model", ["ea", "vanilla"])
@@ -220,6 +281,7 @@ def test_train_and_evaluate_iwslt_recipe(iwslt, model, tmp_path):
                 MAX_TOKENS=2048, WARMUP=10, EXTRA_ARGS=TINY_MODEL + " --eval-bleu-args {\"beam\":1,\"max_len_b\":5}")
     log = (save / "train.log").read_text()
     assert f"arch='{'ea_' if model == 'ea' else ''}transformer_iwslt_de_en'" in log
+    assert "glibc's heap kept for reuse" in proc.stderr  # on the CPU (test_kept_heap_... : what it does)
     assert "EvolvingMultiheadAttention" in log if model == "ea" else "EvolvingMultiheadAttention" not in log
     assert (save / "checkpoint1.pt").is_file() and (save / "checkpoint2.pt").is_file()
     assert list((save / "tensorboard").iterdir())

@@ -61,6 +61,19 @@ textprep_in() {
   textprep --input-name "$f" "$@" <"$f"
 }
 
+# glibc settings that keep freed memory in the process's heap for reuse (the same as
+# benchmarks/cost.py's --heap keep): without them glibc maps every allocation over its mmap
+# threshold (at most 32 MiB) fresh from the kernel and unmaps it when freed, so a CPU run
+# faults in the output layer's ~100 MB tensors anew at every update (docs/performance.md)
+EA_KEEP_HEAP_TUNABLES="glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+# Add EA_KEEP_HEAP_TUNABLES to GLIBC_TUNABLES for the processes started from here on, unless
+# KEEP_HEAP=0 or GLIBC_TUNABLES already sets an mmap threshold. Returns 1 where it added nothing.
+ea_keep_heap() {
+  [[ "${KEEP_HEAP:-1}" != 0 && "${GLIBC_TUNABLES:-}" != *glibc.malloc.mmap_threshold* ]] || return 1
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}$EA_KEEP_HEAP_TUNABLES"
+}
+
 n_lines() { wc -l <"$1" | tr -d ' '; }
 
 # require_file PATH [HINT]
