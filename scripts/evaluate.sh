@@ -86,9 +86,9 @@ else
 fi
 
 # 2. decode -------------------------------------------------------------------------------------
-N_GPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+# fairseq-generate decodes on the GPU where torch sees one, on the CPU otherwise
 DEVICE=()
-if [[ "${CPU:-0}" == 1 || "$N_GPU" == 0 ]]; then DEVICE=(--cpu); fi
+[[ "${CPU:-0}" != 1 ]] || DEVICE=(--cpu)
 if [[ "$BPE_KIND" == sentencepiece ]]; then POST=(--post-process sentencepiece); else POST=(--remove-bpe); fi
 read -r -a GEN_EXTRA <<<"${GEN_ARGS:-}"
 GEN=$OUT/$SUBSET.gen

@@ -86,7 +86,7 @@ SAVE_DIR=${SAVE_DIR:-$EA_REPO/checkpoints/$BENCH/$MODEL}
 mkdir -p "$SAVE_DIR"
 
 # --- devices, precision, launch --------------------------------------------------------------
-N_GPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+N_GPU=$(ea_gpu_count)
 if [[ "${CPU:-0}" == 1 || "$N_GPU" == 0 ]]; then
   DEVICE=(--cpu)
   NPROC=${NPROC:-1}

@@ -25,7 +25,7 @@ TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --de
 
 
 # barely trained models decode to the length limit: keep it short in tests
-SHORT = "--max-len-a 0 --max-len-b 12"
+SHORT = "--max-len-a 0 --max-len-b 4"
 
 
 def script_env(**extra):
@@ -152,7 +152,7 @@ def test_iwslt_other_settings_are_not_taken_as_done(iwslt, tmp_path):
 def test_iwslt_with_sentencepiece(iwslt, tmp_path):
     tgz = iwslt[1]["IWSLT14_TGZ"]
     bash("prepare-iwslt14.sh", IWSLT14_TGZ=tgz, OFFLINE=1, WORK=tmp_path / "work", DEST=tmp_path / "bin",
-         BPE="sentencepiece", BPE_TOKENS=1000, WORKERS=2)
+         BPE="sentencepiece", BPE_TOKENS=1000, WORKERS=1)
     assert (tmp_path / "bin" / "bpe.model").is_file()
     assert "bpe=sentencepiece" in (tmp_path / "bin" / "PREPARED").read_text()
     assert "\u2581" in (tmp_path / "work" / "train.en").read_text(encoding="utf-8")
@@ -178,7 +178,7 @@ def test_missing_download_offline_names_the_file(tmp_path):
 def test_mismatched_line_counts_name_the_files(tmp_path):
     tgz = make_iwslt_tgz(tmp_path / "de-en.tgz", extra_en_line=True)
     proc = bash("prepare-iwslt14.sh", expect_ok=False, IWSLT14_TGZ=tgz, OFFLINE=1, WORK=tmp_path / "w",
-                DEST=tmp_path / "bin", WORKERS=2)
+                DEST=tmp_path / "bin", WORKERS=1)
     _assert_failed(proc, "line counts differ", "train.tags.de-en.de", "train.tags.de-en.en", dest=tmp_path / "bin")
 
 
@@ -269,6 +269,26 @@ def test_keep_heap_adds_to_the_users_tunables_and_can_be_turned_off():
     assert _keep_heap(GLIBC_TUNABLES=None, KEEP_HEAP="0") == (1, "")
 
 
+def test_gpu_count_is_torchs_and_starts_no_torch_without_gpu_devices():
+    """train.sh's device choice (common.sh's ea_gpu_count) is torch's GPU count; on a machine
+    without GPU device nodes it answers 0 without running Python at all (PYTHON=false)."""
+    import glob
+
+    import torch
+
+    def count(python):
+        return subprocess.run(["bash", "-c", 'source "$1"; PYTHON=$2; ea_gpu_count', "_",
+                               str(SCRIPTS / "lib" / "common.sh"), python],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert count(sys.executable) == str(torch.cuda.device_count())
+    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg")):
+        assert count("false") == "0"
+    else:  # a GPU machine: torch is asked, and a PYTHON that fails makes the call fail
+        with pytest.raises(subprocess.CalledProcessError):
+            count("false")
+
+
 # ---------------------------------------------------------------------- train + evaluate
 
 @pytest.mark.parametrize("model", ["ea", "vanilla"])
@@ -304,7 +324,7 @@ def test_quickstart_end_to_end_small(tmp_path):
     installs (already done), prepares Multi30k from a local copy, trains, decodes
     and prints BLEU and examples."""
     proc = bash("quickstart.sh", MULTI30K_DIR=SHARED / "multi30k", TRAIN_LINES=3000, BPE_TOKENS=1000,
-                MAX_UPDATE=10, NUM_AVG=1, WORK=tmp_path / "work", DEST=tmp_path / "data-bin",
+                MAX_UPDATE=10, NUM_AVG=1, WORKERS=1, WORK=tmp_path / "work", DEST=tmp_path / "data-bin",
                 SAVE_DIR=tmp_path / "ckpt", MAX_TOKENS=2048, OFFLINE=1, GEN_ARGS=SHORT,
                 RESULTS_JSON=tmp_path / "results" / "quickstart.json", timeout=1200)
     assert "BLEU on Multi30k test_2016_flickr" in proc.stdout

@@ -35,6 +35,17 @@ require_cmd() {
   command -v "$1" >/dev/null 2>&1 || die "required tool '$1' not found${2:+: $2}"
 }
 
+# The number of GPUs torch sees. Where the machine has no GPU device node (NVIDIA's
+# /dev/nvidia0..., AMD's /dev/kfd, WSL's /dev/dxg) no GPU is usable, and the answer is 0
+# without starting torch (which takes a few seconds of CPU).
+ea_gpu_count() {
+  if compgen -G '/dev/nvidia[0-9]*' >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; then
+    "$PYTHON" -c 'import torch; print(torch.cuda.device_count())'
+  else
+    echo 0
+  fi
+}
+
 # Is the project installed in the active environment (patched fairseq + ea_fairseq)?
 ea_installed() {
   "$PYTHON" - "$EA_REPO" <<'PY' >/dev/null 2>&1
@@ -43,7 +54,8 @@ repo = sys.argv[1]
 want = subprocess.check_output([sys.executable, f"{repo}/scripts/fairseq_patches.py", "--version"], text=True).strip()
 assert md.version("fairseq") == want
 md.version("ea-fairseq")
-import ea_fairseq  # noqa: F401
+import importlib.util
+assert importlib.util.find_spec("ea_fairseq")
 PY
 }
 
