@@ -98,12 +98,13 @@ else
     bash "$EA_REPO/scripts/wheelhouse.sh" "$wheelhouse" --python "$py"
   fi
 fi
-versions() { "$venv/bin/python" -c 'import torch, sys
+# the installed distributions' versions (read without importing them: torch takes seconds)
+versions() { "$venv/bin/python" -c 'import importlib.metadata as md
 try:
-    import numpy; n = numpy.__version__
-except ImportError:
+    n = md.version("numpy")
+except md.PackageNotFoundError:
     n = "none"
-print(torch.__version__, n)'; }
+print(md.version("torch"), n)'; }
 read -r torch_before numpy_before < <(versions)
 log "before: torch $torch_before, numpy $numpy_before ($(($(date +%s) - start)) s so far)"
 

@@ -173,7 +173,7 @@ keep=()
 extras=${EA_EXTRAS:+[$EA_EXTRAS]}
 stamp="$prefix/.ea-fairseq-install"
 want_stamp="$EA_REPO$extras pins=$EA_PINS $(grep '^torch==' "$work/constraints.txt") $(cat "$EA_REPO/setup.py" "$EA_REPO/constraints.txt" | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && "$PYTHON" -c 'import ea_fairseq' 2>/dev/null \
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && "$PYTHON" -c 'import importlib.util as u; assert u.find_spec("ea_fairseq")' 2>/dev/null \
   && "$PYTHON" "$DEPS" check --extras "$EA_EXTRAS" >/dev/null 2>&1; then
   log "ea_fairseq$extras already installed (setup.py and constraints.txt unchanged)"
 else

@@ -26,7 +26,7 @@ bin=$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))')
 for c in fairseq-preprocess fairseq-train fairseq-generate; do
   [[ -x "$bin/$c" ]] || die "$bin/$c not found: fairseq's console scripts are not installed there (run scripts/install.sh)"
 done
-user_dir=$("$PYTHON" -c 'import ea_fairseq, os; print(os.path.dirname(ea_fairseq.__file__))')
+user_dir=$("$PYTHON" -c 'import importlib.util as u; print(u.find_spec("ea_fairseq").submodule_search_locations[0])')
 
 if [[ $# -eq 1 ]]; then
   work=$1
@@ -89,7 +89,6 @@ PY
 
 "$PYTHON" - "$(($(date +%s) - start))" <<'PY'
 import sys, importlib.metadata as md
-import numpy, torch
-print(f"smoke OK | python {sys.version.split()[0]} | torch {torch.__version__} | numpy {numpy.__version__} "
+print(f"smoke OK | python {sys.version.split()[0]} | torch {md.version('torch')} | numpy {md.version('numpy')} "
       f"| fairseq {md.version('fairseq')} | {sys.argv[1]} s")
 PY

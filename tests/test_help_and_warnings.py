@@ -72,7 +72,8 @@ def test_train_and_generate_print_no_warnings(arch, reversal_data, tmp_path):
                  "--max-tokens", "500", "--max-update", "3", "--cpu", "--save-dir", tmp_path,
                  "--no-epoch-checkpoints"], cwd=REPO, env=env)
     gen = run([fairseq_cmd("fairseq-generate"), bin_dir, "--user-dir", "ea_fairseq",
-               "--path", tmp_path / "checkpoint_last.pt", "--beam", "2", "--batch-size", "50", "--cpu"], cwd=REPO, env=env)
+               "--path", tmp_path / "checkpoint_last.pt", "--beam", "2", "--batch-size", "50", "--cpu",
+               "--max-len-a", "0", "--max-len-b", "8"], cwd=REPO, env=env)
     log = train.stdout + train.stderr + gen.stdout + gen.stderr
     assert "num_updates 3" in log or "num_updates=3" in log or "done training" in log
     assert WARNING_LINE.findall(log) == []
