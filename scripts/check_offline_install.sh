@@ -98,13 +98,15 @@ else
     bash "$EA_REPO/scripts/wheelhouse.sh" "$wheelhouse" --python "$py"
   fi
 fi
-# the installed distributions' versions (read without importing them: torch takes seconds)
-versions() { "$venv/bin/python" -c 'import importlib.metadata as md
+# the installed versions, read without importing torch (seconds): torch/version.py has the
+# build's full version (2.11.0+cu130, where PyPI's metadata says 2.11.0)
+versions() { "$venv/bin/python" -c 'import importlib.metadata as md, importlib.util, os, runpy
 try:
     n = md.version("numpy")
 except md.PackageNotFoundError:
     n = "none"
-print(md.version("torch"), n)'; }
+t = runpy.run_path(os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "version.py"))
+print(t["__version__"], n)'; }
 read -r torch_before numpy_before < <(versions)
 log "before: torch $torch_before, numpy $numpy_before ($(($(date +%s) - start)) s so far)"
 

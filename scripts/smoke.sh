@@ -88,7 +88,9 @@ print(f"hub translate('a b c d') -> {out!r}", file=sys.stderr)
 PY
 
 "$PYTHON" - "$(($(date +%s) - start))" <<'PY'
-import sys, importlib.metadata as md
-print(f"smoke OK | python {sys.version.split()[0]} | torch {md.version('torch')} | numpy {md.version('numpy')} "
+import importlib.metadata as md, importlib.util, os, runpy, sys
+# torch/version.py holds the build's full version (2.11.0+cu130: PyPI's metadata says 2.11.0)
+torch_v = runpy.run_path(os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "version.py"))
+print(f"smoke OK | python {sys.version.split()[0]} | torch {torch_v['__version__']} | numpy {md.version('numpy')} "
       f"| fairseq {md.version('fairseq')} | {sys.argv[1]} s")
 PY
