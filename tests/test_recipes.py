@@ -223,10 +223,12 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):  # the heap grows to what an update needs, then (nearly) stays
     step()
-before = faults()
-for _ in range(6):
+counts = []
+for _ in range(9):
+    before = faults()
     step()
-print(faults() - before)
+    counts.append(faults() - before)
+print(*counts)
 """
 
 
@@ -253,9 +255,12 @@ def test_kept_heap_reuses_large_tensors_without_page_faults():
         if value:
             env["GLIBC_TUNABLES"] = value
         out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True, env=env)
-        counts[name] = int(out.stdout.split()[-1])
-    assert counts["system"] > 6 * 8000, counts  # measured: 384k in 6 updates (4 KiB pages; fewer with THP)
-    assert counts["kept"] * 10 < counts["system"], counts  # measured: 0, sometimes one more 64 MB map (16k)
+        counts[name] = sorted(int(n) for n in out.stdout.split())
+    # the median update (per-update counts, sorted): a rare late growth of the kept heap
+    # (one more 64-256 MB, 16-64k faults, seen in CI) is not what is under test
+    system, kept = counts["system"][4], counts["kept"][4]
+    assert system > 8000, counts  # measured: 64k an update (4 KiB pages; fewer with THP)
+    assert kept * 10 < system, counts  # measured: 0
 
 
 def test_keep_heap_adds_to_the_users_tunables_and_can_be_turned_off():
