@@ -35,7 +35,7 @@ def trained(reversal_data, tmp_path_factory):
                 "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "5e-3",
                 "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--dropout", "0",
                 "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-                "--max-tokens", "2000", "--max-update", "400", "--cpu", "--seed", "1",
+                "--max-tokens", "1000", "--max-update", "400", "--cpu", "--seed", "1",
                 "--save-dir", save_dir, "--no-epoch-checkpoints", "--validate-interval", "1000",
                 "--log-interval", "100"], cwd=REPO)
     return bin_dir, save_dir, proc.stderr + proc.stdout
