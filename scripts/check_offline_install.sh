@@ -111,8 +111,8 @@ read -r torch_before numpy_before < <(versions)
 log "before: torch $torch_before, numpy $numpy_before ($(($(date +%s) - start)) s so far)"
 
 # 3. the offline install, with no index and no way out; Python may write the .pyc files
-# of what it imports (--ci installs torch uncompiled: each import of it would otherwise
-# compile torch again, 2-3 s of CPU beside the tests, four times in the smoke)
+# of what it imports (--ci installs torch uncompiled: each of the smoke's imports would
+# otherwise compile torch again; docs/testing.md)
 offline_env=(env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PYTHONDONTWRITEBYTECODE PIP_CONFIG_FILE=/dev/null
   PIP_NO_INDEX=1 http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9
   HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 EA_PYTHON="$venv/bin/python"

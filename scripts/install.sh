@@ -199,7 +199,7 @@ else
   tar -xzf "$sdist" -C "$work"
   "$PYTHON" "$EA_REPO/scripts/fairseq_patches.py" "$work/fairseq-0.12.2"
   # its build needs setuptools, cython and numpy: this environment's own where it has them
-  # (the versions it runs with, ~10-25 s less than pip's isolated build of the newest ones)
+  # (the versions it runs with; pip's isolated build fetches the newest first; docs/testing.md)
   build=() how="pip's build isolation"
   if "$PYTHON" -c 'import importlib.util as u, setuptools, Cython, numpy
 assert tuple(map(int, setuptools.__version__.split(".")[:2])) >= (70, 1) or u.find_spec("wheel")' 2>/dev/null; then
