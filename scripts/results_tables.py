@@ -133,6 +133,25 @@ def scale(data: Dict) -> str:
                 if c["system"] == "ea" and c["baseline"] in ("vanilla", "residual") and g:
                     what = "EA vs vanilla" if c["baseline"] == "vanilla" else "the convolution (EA vs residual-only)"
                     said.append(f"- {corpus['corpus']} {size['size']}, {what}: {g['delta']:+.2f} BLEU, {g['verdict']}.")
+    # across sizes: EA's gain over vanilla at the smallest and the largest size with one,
+    # compared by their 95% intervals (disjoint: it shrinks or grows; else it holds)
+    for corpus in data["corpora"]:
+        gains = []
+        for size in corpus["sizes"]:
+            c = next((c for c in size["comparisons"] if c["system"] == "ea" and c["baseline"] == "vanilla"), None)
+            if c and c.get("gain_bleu"):
+                gains.append((size["size"], c["gain_bleu"]))
+        if len(gains) < 2:
+            continue
+        (s0, g0), (s1, g1) = gains[0], gains[-1]
+        if g1["ci95"][1] < g0["ci95"][0]:
+            trend = f"shrinks from {s0} to {s1} (their 95% intervals do not overlap)"
+        elif g1["ci95"][0] > g0["ci95"][1]:
+            trend = f"grows from {s0} to {s1} (their 95% intervals do not overlap)"
+        else:
+            trend = f"holds from {s0} to {s1}: no change beyond their 95% intervals"
+        steps = ", ".join(f"{g['delta']:+.2f} ({s})" for s, g in gains)
+        said.append(f"- {corpus['corpus']}, EA's gain over vanilla by size: {steps}; it {trend}.")
     if said:
         note += "\n" + "\n".join(said) + "\n"
     return _rows(["corpus", "size", "params", *arms, "Δ EA vs vanilla", "Δ EA vs residual"], rows) + note

@@ -63,3 +63,27 @@ def test_scale_table_has_a_row_per_size_and_says_what_each_gain_means():
     assert "5 of 8 runs done" in text and "`nrefs:1|case:mixed`" in text
     assert "- c1 s1, EA vs vanilla: +1.25 BLEU, ahead, beyond the seed spread." in text
     assert "residual-only" not in text  # no gain against residual yet: no sentence about it
+
+
+def test_scale_note_says_whether_the_gain_shrinks_holds_or_grows_with_size():
+    sys.path.insert(0, f"{REPO}/scripts")
+    import results_tables
+
+    def corpus(name, *gains):
+        sizes = [{"size": f"d{64 * 2 ** i}", "layers": 2, "params": None, "arms": {},
+                  "comparisons": [{"system": "ea", "baseline": "vanilla",
+                                   "gain_bleu": {"delta": d, "ci95": [lo, hi], "verdict": "v"}}]}
+                 for i, (d, lo, hi) in enumerate(gains)]
+        return {"corpus": name, "sizes": sizes}
+
+    data = {"progress": {"runs_done": 1, "runs_planned": 2}, "corpora": [
+        corpus("held", (1.5, 0.7, 2.3), (0.7, -0.1, 1.5), (1.7, 0.9, 2.6)),
+        corpus("shrunk", (2.0, 1.5, 2.5), (0.2, -0.3, 0.7)),
+        corpus("grown", (0.2, -0.3, 0.7), (2.0, 1.5, 2.5)),
+        corpus("single", (1.0, 0.5, 1.5))]}
+    text = results_tables.scale(data)
+    assert ("- held, EA's gain over vanilla by size: +1.50 (d64), +0.70 (d128), +1.70 (d256); "
+            "it holds from d64 to d256: no change beyond their 95% intervals.") in text
+    assert "- shrunk, EA's gain over vanilla by size: +2.00 (d64), +0.20 (d128); it shrinks from d64 to d128" in text
+    assert "it grows from d64 to d128" in text
+    assert "- single, EA's gain" not in text  # one size: no trend to state
